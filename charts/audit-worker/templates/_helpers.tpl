@@ -1,0 +1,217 @@
+{{/*
+Chart name, overridable with nameOverride. Truncated to 63 characters, the
+limit of a DNS label and of a label value.
+*/}}
+{{- define "audit-worker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: "<release>-<chart>", or the release name alone when
+it already contains the chart name, or fullnameOverride.
+*/}}
+{{- define "audit-worker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"<fullname>-<suffix>" kept within 63 characters by shortening the fullname,
+never the suffix. Call with (dict "root" $ "suffix" "blue").
+*/}}
+{{- define "audit-worker.componentName" -}}
+{{- $max := sub 62 (len .suffix) | int }}
+{{- printf "%s-%s" (include "audit-worker.fullname" .root | trunc $max | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{/*
+Chart name and version for the helm.sh/chart label.
+*/}}
+{{- define "audit-worker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+A string made safe as a label value: invalid characters replaced, at most 63
+characters, starting and ending with an alphanumeric character.
+*/}}
+{{- define "audit-worker.labelValue" -}}
+{{- $v := regexReplaceAll "[^A-Za-z0-9._-]" (toString .) "-" | trunc 63 }}
+{{- $v = regexReplaceAll "^[^A-Za-z0-9]+" $v "" }}
+{{- regexReplaceAll "[^A-Za-z0-9]+$" $v "" }}
+{{- end }}
+
+{{/*
+The label key that carries the blue-green slot.
+*/}}
+{{- define "audit-worker.slotLabelKey" -}}
+audit-worker/slot
+{{- end }}
+
+{{/*
+Common labels of every object.
+*/}}
+{{- define "audit-worker.labels" -}}
+helm.sh/chart: {{ include "audit-worker.chart" . }}
+{{ include "audit-worker.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ include "audit-worker.labelValue" .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: audit-log
+{{- end }}
+
+{{/*
+Labels of a slot's objects: the common labels, with app.kubernetes.io/version
+set to the slot's image tag, plus component and slot.
+Call with (dict "root" $ "slot" "blue").
+*/}}
+{{- define "audit-worker.slotLabels" -}}
+{{- $root := .root }}
+{{- $tag := (index $root.Values.slots .slot).tag -}}
+helm.sh/chart: {{ include "audit-worker.chart" $root }}
+{{ include "audit-worker.slotSelectorLabels" . }}
+app.kubernetes.io/version: {{ include "audit-worker.labelValue" $tag | quote }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: audit-log
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{/*
+Selector labels: name and instance. Shared by every pod of the release (both
+slots and the migration Job); used by the NetworkPolicy.
+*/}}
+{{- define "audit-worker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "audit-worker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Selector labels of one slot: name, instance and slot. Used by the slot's
+Deployment, PodDisruptionBudget and topology spread, and by the Services.
+Call with (dict "root" $ "slot" "blue").
+*/}}
+{{- define "audit-worker.slotSelectorLabels" -}}
+{{ include "audit-worker.selectorLabels" .root }}
+{{ include "audit-worker.slotLabelKey" .root }}: {{ .slot }}
+{{- end }}
+
+{{/*
+The slot that is not active: the preview slot.
+*/}}
+{{- define "audit-worker.previewSlot" -}}
+{{- if eq .Values.activeSlot "blue" }}green{{ else }}blue{{ end }}
+{{- end }}
+
+{{/*
+Name of the ServiceAccount the pods run as.
+*/}}
+{{- define "audit-worker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "audit-worker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Full image reference of a slot. Call with (dict "root" $ "slot" "blue").
+*/}}
+{{- define "audit-worker.image" -}}
+{{- printf "%s:%s" .root.Values.image.repository (index .root.Values.slots .slot).tag }}
+{{- end }}
+
+{{/*
+Pod-level security context shared by the worker and the migration Job: uid and
+gid 10001, never root, the runtime's default seccomp profile.
+*/}}
+{{- define "audit-worker.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Container-level security context shared by the worker and the migration Job.
+*/}}
+{{- define "audit-worker.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Environment shared by the worker and the migration Job. The slot is passed
+separately (AUDIT_SLOT). Secret values are only referenced, never rendered.
+*/}}
+{{- define "audit-worker.env" -}}
+- name: AUDIT_ENVIRONMENT
+  value: {{ .Values.environment | quote }}
+- name: AUDIT_LOG_ID
+  value: {{ .Values.logId | quote }}
+- name: AUDIT_HTTP_PORT
+  value: "8080"
+- name: AUDIT_BATCH_SIZE
+  value: {{ .Values.worker.batchSize | toString | quote }}
+- name: AUDIT_SIGN_INTERVAL_SECONDS
+  value: {{ .Values.worker.signIntervalSeconds | toString | quote }}
+- name: AUDIT_SHUTDOWN_GRACE_SECONDS
+  value: {{ .Values.worker.shutdownGraceSeconds | toString | quote }}
+- name: AUDIT_KEY_BACKEND
+  value: {{ .Values.keys.backend | quote }}
+- name: AUDIT_KMS_DATA_KEY_ID
+  value: {{ .Values.keys.kmsDataKeyId | quote }}
+- name: AUDIT_KMS_SIGNING_KEY_ID
+  value: {{ .Values.keys.kmsSigningKeyId | quote }}
+- name: AUDIT_AWS_REGION
+  value: {{ .Values.aws.region | quote }}
+- name: AUDIT_ARCHIVE_BUCKET
+  value: {{ .Values.aws.archiveBucket | quote }}
+- name: AUDIT_LOG_FORMAT
+  value: "json"
+- name: AUDIT_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.existingSecret | quote }}
+      key: {{ .Values.secrets.databaseUrlKey | quote }}
+- name: AUDIT_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.existingSecret | quote }}
+      key: {{ .Values.secrets.redisUrlKey | quote }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the worker's shutdown grace plus 10 s for the
+process to exit after it has finished the batch in hand.
+*/}}
+{{- define "audit-worker.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.worker.shutdownGraceSeconds) 10 }}
+{{- end }}
+
+{{/*
+An IntOrString value: "50%" stays a quoted string, 2 (or 2.0) becomes 2.
+*/}}
+{{- define "audit-worker.intOrString" -}}
+{{- if kindIs "string" . }}{{ quote . }}{{ else }}{{ int . }}{{ end }}
+{{- end }}

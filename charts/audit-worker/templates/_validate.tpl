@@ -1,0 +1,60 @@
+{{/*
+Checks that values.schema.json cannot express. Each message names the key, the
+problem and the --set that fixes it. Included once, from deployments.yaml, so
+that `helm template` and `helm install` stop before rendering anything.
+
+Some of these keys are also constrained by the schema (activeSlot is an enum):
+the schema then reports first; the checks here still hold when schema
+validation is skipped (--skip-schema-validation) or when the values reach the
+templates by another path.
+*/}}
+{{- define "audit-worker.validate" -}}
+{{- $active := toString .Values.activeSlot }}
+{{- if not (has $active (list "blue" "green")) }}
+{{- fail (printf "\n\nactiveSlot must be \"blue\" or \"green\", got %q.\nFix: --set activeSlot=blue (or --set activeSlot=green)." $active) }}
+{{- end }}
+
+{{- range $slot := list "blue" "green" }}
+{{- $s := index $.Values.slots $slot | default dict }}
+{{- if eq (toString ($s.tag | default "")) "" }}
+{{- fail (printf "\n\nslots.%s.tag is empty: each slot needs an image tag, even when it is scaled to zero.\nFix: --set slots.%s.tag=<image tag>" $slot $slot) }}
+{{- end }}
+{{- end }}
+
+{{- $activeReplicas := int ((index .Values.slots $active).replicas | default 0) }}
+{{- if lt $activeReplicas 1 }}
+{{- fail (printf "\n\nslots.%s.replicas is %d but %s is the active slot: the active Service would select no pods.\nFix: --set slots.%s.replicas=1 (or make the other slot active: --set activeSlot=%s)." $active $activeReplicas $active $active (include "audit-worker.previewSlot" .)) }}
+{{- end }}
+
+{{- $_ := required "\n\nsecrets.existingSecret is empty: the chart holds no secret values and reads AUDIT_DATABASE_URL and AUDIT_REDIS_URL from an existing Secret.\nFix: --set secrets.existingSecret=<name of the Secret with keys database-url and redis-url>" (.Values.secrets.existingSecret | default "" | toString | trim) }}
+
+{{- if eq .Values.keys.backend "kms" }}
+{{- if not .Values.keys.kmsDataKeyId }}
+{{- fail "\n\nkeys.kmsDataKeyId is empty but keys.backend is kms.\nFix: --set keys.kmsDataKeyId=<KMS key id, ARN or alias>" }}
+{{- end }}
+{{- if not .Values.keys.kmsSigningKeyId }}
+{{- fail "\n\nkeys.kmsSigningKeyId is empty but keys.backend is kms.\nFix: --set keys.kmsSigningKeyId=<KMS asymmetric key id, ARN or alias>" }}
+{{- end }}
+{{- if not .Values.aws.region }}
+{{- fail "\n\naws.region is empty but keys.backend is kms.\nFix: --set aws.region=<region, e.g. eu-west-1>" }}
+{{- end }}
+{{- else if ne .Values.environment "dev" }}
+{{- fail (printf "\n\nkeys.backend is %q but environment is %q: local keys are for dev only.\nFix: --set keys.backend=kms (with keys.kmsDataKeyId and keys.kmsSigningKeyId)." (toString .Values.keys.backend) (toString .Values.environment)) }}
+{{- end }}
+
+{{- if .Values.autoscaling.enabled }}
+{{- $min := int .Values.autoscaling.minReplicas }}
+{{- $max := int .Values.autoscaling.maxReplicas }}
+{{- if gt $min $max }}
+{{- fail (printf "\n\nautoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d).\nFix: --set autoscaling.maxReplicas=%d" $min $max $min) }}
+{{- end }}
+{{- if or (lt $activeReplicas $min) (gt $activeReplicas $max) }}
+{{- fail (printf "\n\nslots.%s.replicas (%d) is outside the HPA range autoscaling.minReplicas..maxReplicas (%d..%d); each deploy would fight the autoscaler.\nFix: --set slots.%s.replicas=%d" $active $activeReplicas $min $max $active $min) }}
+{{- end }}
+{{- end }}
+
+{{- $migrationSlot := toString (.Values.migration.slot | default "") }}
+{{- if not (has $migrationSlot (list "" "blue" "green")) }}
+{{- fail (printf "\n\nmigration.slot must be \"\", \"blue\" or \"green\", got %q.\nFix: --set migration.slot=%s" $migrationSlot $active) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,54 @@
+"""The worker's exception hierarchy.
+
+    AuditError
+    ├── ConfigurationError        settings missing or invalid; fix the setting named
+    ├── DependencyError           PostgreSQL, Redis or KMS unreachable; transient, retried
+    │   ├── DatabaseUnavailable
+    │   ├── RedisUnavailable
+    │   └── KeyServiceUnavailable
+    ├── MigrationError            schema not at the expected version, or a checksum changed
+    └── IntegrityError            the log is not what it must be; stop writing and alert
+        └── SequenceError         indices are not gapless where the sequencer expected them
+
+Validation failures of single events are not exceptions: they are `Rejection` values
+(see `events.py`) that go to the dead-letter store while the worker keeps going.
+Lower-level errors (asyncpg, redis, botocore) are mapped to these with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class AuditError(Exception):
+    """Base class of every error the worker raises on purpose."""
+
+
+class ConfigurationError(AuditError):
+    """A setting is missing or invalid. The message names the setting and the fix."""
+
+
+class DependencyError(AuditError):
+    """A dependency did not answer. Transient: callers retry with backoff."""
+
+
+class DatabaseUnavailable(DependencyError):
+    pass
+
+
+class RedisUnavailable(DependencyError):
+    pass
+
+
+class KeyServiceUnavailable(DependencyError):
+    pass
+
+
+class MigrationError(AuditError):
+    """The schema cannot be used or changed safely."""
+
+
+class IntegrityError(AuditError):
+    """The stored log contradicts itself. Writing must stop and an operator must look."""
+
+
+class SequenceError(IntegrityError):
+    """The sequencer found a gap or a duplicate where it expected the next index."""

@@ -1,0 +1,43 @@
+"""Build the key wrapper and tree-head signer that the settings ask for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audit_worker.config import WorkerSettings
+from audit_worker.crypto import (
+    KeyWrapper,
+    KmsKeyWrapper,
+    KmsSigner,
+    LocalKeyWrapper,
+    LocalSigner,
+    TreeHeadSigner,
+)
+
+
+def kms_client(settings: WorkerSettings) -> Any:
+    import boto3  # noqa: PLC0415 - boto3 is slow to import and only needed with KMS
+    from botocore.config import Config  # noqa: PLC0415
+
+    return boto3.client(
+        "kms",
+        region_name=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 3}),
+    )
+
+
+def build_keys(settings: WorkerSettings, *, create: bool = False) -> tuple[KeyWrapper, TreeHeadSigner]:
+    """The data-key wrapper and signer. `create` makes missing local key files (dev only)."""
+    if settings.key_backend == "kms":
+        client = kms_client(settings)
+        assert settings.kms_data_key_id and settings.kms_signing_key_id  # settings checked
+        return (
+            KmsKeyWrapper(settings.kms_data_key_id, client),
+            KmsSigner(settings.kms_signing_key_id, client),
+        )
+    key_dir = settings.local_key_dir
+    return (
+        LocalKeyWrapper(key_dir / "master.key", create=create),
+        LocalSigner(key_dir / "signing.pem", create=create),
+    )

