@@ -10,22 +10,27 @@ the lock only the two leading fields are spliced in.
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from audit_worker.crypto import DataKey, FieldCipher, Pseudonymiser
 from audit_worker.events import AuditEvent
 from audit_worker.merkle import hash_leaf
 
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_SORTED = orjson.OPT_SORT_KEYS
+
+
+def _dumps(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8 (orjson's only layout)."""
+    return orjson.dumps(value, option=_SORTED)
 
 
 def iso_ms(moment: datetime) -> str:
     """UTC with millisecond precision: the one time format inside leaves."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +77,7 @@ class RecordBuilder:
         sealed = None
         if sensitive:
             # The event id is the associated data: a ciphertext moved to another row fails.
-            blob = self._cipher.encrypt(data_key, _dumps(sensitive).encode(), event.event_id.bytes)
+            blob = self._cipher.encrypt(data_key, _dumps(sensitive), event.event_id.bytes)
             sealed = {"key_id": data_key.key_id, "ct": base64.b64encode(blob).decode("ascii")}
         body = {
             "action": event.action,
@@ -102,20 +107,23 @@ class RecordBuilder:
             patient_hmac=patient,
             actor_hmac=actor,
             data_key_id=data_key.key_id if sealed else None,
-            body=_dumps(body).encode(),
+            body=_dumps(body),
         )
 
 
-def sequence(prepared: PreparedEvent, log_index: int, recorded: datetime) -> SequencedEvent:
-    """Give an event its place in the log. Called under the sequencer's lock: keep it cheap."""
-    head = b'{"log_index":%d,"recorded":"%s",' % (log_index, iso_ms(recorded).encode())
-    leaf_data = head + prepared.body[1:]
+def sequence(
+    prepared: PreparedEvent, log_index: int, recorded: datetime, recorded_iso: bytes | None = None
+) -> SequencedEvent:
+    """Give an event its place in the log. Called under the sequencer's lock: keep it cheap
+    (pass `recorded_iso` when sequencing a batch with one timestamp)."""
+    stamp = recorded_iso if recorded_iso is not None else iso_ms(recorded).encode()
+    leaf_data = b'{"log_index":%d,"recorded":"%s",' % (log_index, stamp) + prepared.body[1:]
     return SequencedEvent(log_index, recorded, prepared, leaf_data, hash_leaf(leaf_data))
 
 
 def parse_leaf(leaf_data: bytes) -> dict[str, Any]:
     """Decode a stored leaf (for verification and reading)."""
-    value = json.loads(leaf_data)
+    value = orjson.loads(leaf_data)
     if not isinstance(value, dict):
         raise ValueError("leaf is not a JSON object")
     return value

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from audit_worker.config import WorkerSettings
 from audit_worker.crypto import DataKeyManager, FieldCipher, KeyWrapper, Pseudonymiser
@@ -19,7 +20,7 @@ from audit_worker.db.store import LogStore
 from audit_worker.intake import StreamIntake
 from audit_worker.keyring import build_keys
 from audit_worker.records import RecordBuilder
-from audit_worker.worker import Worker
+from audit_worker.worker import BatchResult, Worker
 
 log = logging.getLogger("audit_worker")
 HMAC_PURPOSE = "hmac"
@@ -105,6 +106,7 @@ async def run(
     *,
     create_keys: bool = False,
     install_signal_handlers: bool = True,
+    on_batch: Callable[[BatchResult], None] | None = None,
 ) -> Worker:
     """Consume until `stop` is set or SIGTERM arrives; then finish the batch in hand,
     acknowledge it and sign a final tree head."""
@@ -123,9 +125,11 @@ async def run(
             while not stop.is_set():
                 try:
                     entries = await worker.intake.read_batch(settings.batch_size, settings.block_ms)
-                    await worker.process(entries)
+                    result = await worker.process(entries)
+                    if on_batch is not None and result.read:
+                        on_batch(result)
                     backoff = 0.1
-                except (OSError, asyncpg.PostgresError, ConnectionError) as exc:
+                except (OSError, asyncpg.PostgresError, RedisError) as exc:
                     # Entries stay pending; re-read them once the dependency is back.
                     log.warning("batch failed, retrying in %.1fs: %s", backoff, type(exc).__name__)
                     worker.intake.replay_own_backlog()

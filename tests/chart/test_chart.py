@@ -114,8 +114,16 @@ def values_file(env: str) -> str:
 
 
 def template_args(env: str, *extra: str) -> tuple[str, ...]:
-    return ("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", values_file(env),
-            *extra)
+    return (
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        values_file(env),
+        *extra,
+    )
 
 
 @functools.cache
@@ -483,14 +491,13 @@ def test_autoscaler_targets_the_active_slot_only(env: str) -> None:
 
 def test_environment_profiles() -> None:
     """The per-environment shapes the brief asks for."""
+
     def hpa_range(env: str) -> tuple[int, int] | None:
         hpas = of_kind(render(env)[1], "HorizontalPodAutoscaler")
         return (hpas[0]["spec"]["minReplicas"], hpas[0]["spec"]["maxReplicas"]) if hpas else None
 
     def active_replicas(env: str) -> int:
-        replicas: int = deployment(render(env)[1], ci_values(env)["activeSlot"])["spec"][
-            "replicas"
-        ]
+        replicas: int = deployment(render(env)[1], ci_values(env)["activeSlot"])["spec"]["replicas"]
         return replicas
 
     assert (active_replicas("dev"), hpa_range("dev")) == (1, None)
@@ -576,8 +583,13 @@ def test_service_account_carries_the_irsa_role() -> None:
 def test_names_stay_within_63_characters() -> None:
     long_name = "x" * 53  # helm's limit for release names
     proc = helm(
-        "template", long_name, str(CHART), "-f", values_file("staging"),
-        "--set", "slots.green.tag=" + "v1.2.3-rc.1_build.20240101" * 4,
+        "template",
+        long_name,
+        str(CHART),
+        "-f",
+        values_file("staging"),
+        "--set",
+        "slots.green.tag=" + "v1.2.3-rc.1_build.20240101" * 4,
     )
     assert proc.returncode == 0, proc.stderr
     for doc in yaml.safe_load_all(proc.stdout):
@@ -597,35 +609,51 @@ def test_kube_version_below_minimum_is_refused() -> None:
 FAIL_CASES = [
     pytest.param(
         ("--set", "activeSlot=purple", "--skip-schema-validation"),
-        "activeSlot", "--set activeSlot=", id="active-slot-not-blue-or-green",
+        "activeSlot",
+        "--set activeSlot=",
+        id="active-slot-not-blue-or-green",
     ),
     pytest.param(
         ("--set", "slots.blue.replicas=0"),
-        "slots.blue.replicas", "--set slots.blue.replicas=", id="active-slot-scaled-to-zero",
+        "slots.blue.replicas",
+        "--set slots.blue.replicas=",
+        id="active-slot-scaled-to-zero",
     ),
     pytest.param(
         ("--set", "activeSlot=green", "--set", "slots.blue.replicas=1"),
-        "slots.green.replicas", "--set slots.green.replicas=", id="green-active-with-0-replicas",
+        "slots.green.replicas",
+        "--set slots.green.replicas=",
+        id="green-active-with-0-replicas",
     ),
     pytest.param(
         ("--set", "secrets.existingSecret="),
-        "secrets.existingSecret", "--set secrets.existingSecret=", id="no-existing-secret",
+        "secrets.existingSecret",
+        "--set secrets.existingSecret=",
+        id="no-existing-secret",
     ),
     pytest.param(
         ("--set", "slots.blue.tag="),
-        "slots.blue.tag", "--set slots.blue.tag=", id="empty-blue-tag",
+        "slots.blue.tag",
+        "--set slots.blue.tag=",
+        id="empty-blue-tag",
     ),
     pytest.param(
         ("--set", "slots.green.tag="),
-        "slots.green.tag", "--set slots.green.tag=", id="empty-green-tag",
+        "slots.green.tag",
+        "--set slots.green.tag=",
+        id="empty-green-tag",
     ),
     pytest.param(
         ("--set", "keys.kmsSigningKeyId="),
-        "keys.kmsSigningKeyId", "--set keys.kmsSigningKeyId=", id="kms-without-signing-key",
+        "keys.kmsSigningKeyId",
+        "--set keys.kmsSigningKeyId=",
+        id="kms-without-signing-key",
     ),
     pytest.param(
         ("--set", "environment=prod", "--set", "keys.backend=local"),
-        "keys.backend", "--set keys.backend=kms", id="local-keys-outside-dev",
+        "keys.backend",
+        "--set keys.backend=kms",
+        id="local-keys-outside-dev",
     ),
 ]
 
@@ -658,8 +686,14 @@ def test_schema_rejects_an_unknown_active_slot_naming_the_key() -> None:
         (("--set", "migration.slot=red"), "migration.slot"),
         (("--set-json", 'networkPolicy.egress.redisCidrs=["not-a-cidr"]'), "redisCidrs"),
     ],
-    ids=["unknown-top-level", "bad-tag", "unknown-slot", "bad-backend", "bad-migration-slot",
-         "bad-cidr"],
+    ids=[
+        "unknown-top-level",
+        "bad-tag",
+        "unknown-slot",
+        "bad-backend",
+        "bad-migration-slot",
+        "bad-cidr",
+    ],
 )
 def test_schema_rejects_bad_values(extra: tuple[str, ...], key: str) -> None:
     err = render_error("dev", *extra)
@@ -669,11 +703,97 @@ def test_schema_rejects_bad_values(extra: tuple[str, ...], key: str) -> None:
 def test_install_helm_script_is_idempotent() -> None:
     script = REPO / "scripts" / "install-helm.sh"
     runs = [
-        subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
-                       check=False)
+        subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, timeout=120, check=False
+        )
         for _ in range(2)
     ]
     for proc in runs:
         assert proc.returncode == 0, proc.stderr
     paths = [proc.stdout.strip().splitlines()[-1] for proc in runs]
     assert paths[0] == paths[1] and os.access(paths[0], os.X_OK)
+
+
+def test_notes_render(tmp_path: Path) -> None:
+    """NOTES.txt only renders on install; render it through a copy of the chart."""
+    chart = tmp_path / "audit-worker"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes_check.tpl").write_text(
+        '{{- define "notes-check" }}' + notes + "{{- end }}"
+    )
+    (chart / "templates" / "notes-check.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-check\ndata:\n"
+        '  notes: {{ include "notes-check" . | quote }}\n'
+    )
+    proc = helm("template", RELEASE, str(chart), "-n", NAMESPACE, "-f", values_file("staging"))
+    assert proc.returncode == 0, proc.stderr
+    (configmap,) = [
+        d for d in yaml.safe_load_all(proc.stdout) if d and d["metadata"]["name"] == "notes-check"
+    ]
+    text = configmap["data"]["notes"]
+    assert f"{RELEASE}-active   selects the green slot" in text
+    assert f"{RELEASE}-preview  selects the blue slot" in text
+    assert "/healthz/external" in text
+
+
+def _leaf_paths(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of values.yaml entries; empty maps and lists count as leaves."""
+    if isinstance(node, dict) and node:
+        paths = []
+        for key, value in node.items():
+            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else key))
+        return paths
+    return [prefix]
+
+
+def test_every_value_is_documented_and_in_the_schema() -> None:
+    text = (CHART / "values.yaml").read_text()
+    documented = set(re.findall(r"^## @param (\S+) \S", text, flags=re.MULTILINE))
+    leaves = _leaf_paths(chart_values())
+
+    def is_documented(path: str) -> bool:
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in documented for i in range(1, len(parts) + 1))
+
+    assert [p for p in leaves if not is_documented(p)] == []
+    known = set(leaves)
+    stale = [p for p in documented if not any(k == p or k.startswith(p + ".") for k in known)]
+    assert stale == [], "@param lines for keys that values.yaml does not have"
+
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+    assert set(chart_values()) <= set(schema["properties"])
+    assert set(schema["required"]) <= set(chart_values())
+    assert schema["properties"]["activeSlot"]["enum"] == ["blue", "green"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--set", "podDisruptionBudget.minAvailable=50%"),
+        ("--set", "podAntiAffinity.preset=hard"),
+        ("--set", "serviceAccount.create=false", "--set", "serviceAccount.name=audit-sa"),
+        ("--set", "networkPolicy.enabled=false", "--set", "metrics.scrapeAnnotations=false"),
+        ("--set", "migration.enabled=false", "--set", "autoscaling.enabled=false"),
+        ("--set", "imagePullSecrets[0].name=ecr", "--set", "priorityClassName=high"),
+    ],
+    ids=["pdb-percent", "hard-anti-affinity", "existing-sa", "no-netpol", "no-job-no-hpa", "misc"],
+)
+def test_optional_branches_validate_strictly(extra: tuple[str, ...]) -> None:
+    _, docs = render("prod", *extra)
+    for doc in docs:
+        for version in (KUBE_VERSIONS[0], KUBE_VERSIONS[-1]):
+            kubernetes_validate.validate(doc, version, strict=True)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service"} <= kinds
+    if "serviceAccount.create=false" in extra:
+        assert "ServiceAccount" not in kinds
+        assert deployment(docs, "blue")["spec"]["template"]["spec"]["serviceAccountName"] == (
+            "audit-sa"
+        )
+    if "podDisruptionBudget.minAvailable=50%" in extra:
+        pdb = by_name(docs, "PodDisruptionBudget")[f"{RELEASE}-blue"]
+        assert pdb["spec"]["minAvailable"] == "50%"

@@ -20,7 +20,7 @@ from audit_worker.crypto import DataKey
 from audit_worker.errors import SequenceError
 from audit_worker.events import Rejection
 from audit_worker.merkle import CompactRange, HASH_SIZE
-from audit_worker.records import PreparedEvent, SequencedEvent, sequence
+from audit_worker.records import PreparedEvent, SequencedEvent, iso_ms, sequence
 
 _EVENT_COLUMNS = (
     "log_index", "event_id", "recorded", "occurred", "action", "outcome",
@@ -154,12 +154,13 @@ class LogStore:
                     )
                 }
                 recorded = now_ms()
+                recorded_iso = iso_ms(recorded).encode()
                 for event in events:
                     if event.event_id in existing:
                         duplicates.append(event.event_id)
                         continue
                     existing.add(event.event_id)  # the same id twice in one batch
-                    sequenced = sequence(event, work.size, recorded)
+                    sequenced = sequence(event, work.size, recorded, recorded_iso)
                     work.append(sequenced.leaf_hash)
                     stored.append(sequenced)
                 if stored:

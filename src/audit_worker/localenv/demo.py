@@ -72,9 +72,7 @@ async def main() -> int:
         )
         redis = Redis.from_url(rd.url)
         with console.status(f"producing {EVENTS:,} events (1% malformed)"):
-            produced = await produce(
-                redis, "audit:events", EVENTS, malformed_every=MALFORMED_EVERY
-            )
+            produced = await produce(redis, "audit:events", EVENTS, malformed_every=MALFORMED_EVERY)
         started = time.perf_counter()
         deadline = started + 300
         with console.status("waiting for the worker to store everything"):
@@ -89,22 +87,29 @@ async def main() -> int:
         await redis.aclose()
         pem = subprocess.run(
             [sys.executable, "-m", "audit_worker.cli", "public-key"],
-            env=env, capture_output=True, check=True,
+            env=env,
+            capture_output=True,
+            check=True,
         ).stdout
         (work / "signing.pub.pem").write_bytes(pem)
         conn = await asyncpg.connect(db_url)
         report = await verify_log(conn, pem, log_id="audit-log")
         await conn.close()
         table = Table("figure", "value", title="audit worker demo (local environment)")
-        table.add_row("events produced", f"{produced.good:,} valid + {produced.malformed:,} malformed")
+        table.add_row(
+            "events produced", f"{produced.good:,} valid + {produced.malformed:,} malformed"
+        )
         table.add_row("stored in the log", f"{stored:,}")
         table.add_row("dead-lettered with reason", f"{dead:,}")
         table.add_row("produce rate", f"{produced.total / produced.seconds:,.0f} events/s")
         table.add_row("drain after production", f"{drained:.2f} s")
         table.add_row("worker exit code (SIGTERM)", str(code))
         table.add_row("signed tree heads", str(report.valid_tree_heads))
-        table.add_row("verify", f"{'OK' if report.ok else 'FAILED'}: {report.rows:,} rows "
-                      f"in {report.seconds:.2f} s ({report.rate:,.0f} rows/s)")
+        table.add_row(
+            "verify",
+            f"{'OK' if report.ok else 'FAILED'}: {report.rows:,} rows "
+            f"in {report.seconds:.2f} s ({report.rate:,.0f} rows/s)",
+        )
         table.add_row("public key", str(work / "signing.pub.pem"))
         console.print(table)
         ok = report.ok and stored == produced.good and dead == produced.malformed and code == 0

@@ -345,10 +345,13 @@ def _chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
-def _traversable_by_others(path: Path, uid: int) -> Path | None:
-    """Return the first ancestor of ``path`` that ``uid`` cannot traverse, if any."""
+def _untraversable_parent(path: Path, uid: int) -> Path | None:
+    """Return the first existing ancestor of ``path`` that ``uid`` cannot traverse, if any."""
     for parent in path.resolve().parents:
-        st = parent.stat()
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            continue  # will be created by us with mode 0o755
         if st.st_uid == uid:
             continue
         if not st.st_mode & 0o001:
@@ -470,18 +473,18 @@ class PostgresServer:
             self._chown(self._base)
         if self._data_dir is None:
             self._data_dir = self._base / "data"
-        elif not self._data_dir.exists():
-            self._data_dir.mkdir(parents=True, mode=0o700)
-            self._chown(self._data_dir)
-        elif self._run_as is not None:
-            self._chown(self._data_dir)
+            return
         if self._run_as is not None:
-            blocker = _traversable_by_others(self._data_dir, self._run_as.uid)
+            blocker = _untraversable_parent(self._data_dir, self._run_as.uid)
             if blocker is not None:
                 raise RuntimeError(
                     f"{blocker} is not traversable by {self._run_as.user}; PostgreSQL runs "
-                    f"as {self._run_as.user} because we are root: choose a data_dir elsewhere"
+                    f"as {self._run_as.user} because we are root: choose a data_dir elsewhere "
+                    "(pytest's tmp_path is 0700: use a tempfile.mkdtemp() dir chmod-ed 0755)"
                 )
+        if not self._data_dir.exists():
+            self._data_dir.mkdir(parents=True, mode=0o700)
+        self._chown(self._data_dir)
 
     def _initdb(self) -> None:
         t0 = time.monotonic()

@@ -93,3 +93,34 @@ async def produce(
                 await asyncio.sleep(ahead)
     out.seconds = time.perf_counter() - started
     return out
+
+
+def main() -> None:
+    """`python -m audit_worker.localenv.workload REDIS_URL COUNT [--rate R]`: a producer
+    process, so that benchmarks do not share the worker's event loop."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("redis_url")
+    parser.add_argument("count", type=int)
+    parser.add_argument("--stream", default="audit:events")
+    parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--malformed-every", type=int, default=0)
+    args = parser.parse_args()
+
+    async def go() -> Produced:
+        redis = Redis.from_url(args.redis_url)
+        try:
+            return await produce(
+                redis, args.stream, args.count, rate=args.rate,
+                malformed_every=args.malformed_every,
+            )
+        finally:
+            await redis.aclose()
+
+    done = asyncio.run(go())
+    print(json.dumps({"good": done.good, "malformed": done.malformed, "seconds": done.seconds}))
+
+
+if __name__ == "__main__":
+    main()

@@ -146,10 +146,11 @@ def verify_consistency(
 
     Edge cases:
 
-    * ``old_size == 0``: every tree extends the empty tree, so the only valid
-      proof is empty and ``old_root`` is not compared (it should be
+    * ``old_size == new_size`` (including 0): the proof must be empty and the
+      roots equal.
+    * ``0 == old_size < new_size``: every tree extends the empty tree, so the
+      only valid proof is empty and ``old_root`` is not compared (it should be
       ``empty_root()``).
-    * ``old_size == new_size``: the proof must be empty and the roots equal.
     """
     if old_size < 0 or new_size < 0:
         raise ProofError(f"negative tree size: old {old_size}, new {new_size}")
@@ -157,19 +158,20 @@ def verify_consistency(
         raise ProofError(f"old size {old_size} exceeds new size {new_size}")
     _check_hash("old root", old_root)
     _check_hash("new root", new_root)
-    if old_size == 0:
-        _check_proof(proof, 0)
-        return
+    # Equal sizes first, so that (0, 0) still requires equal roots.
     if old_size == new_size:
         _check_proof(proof, 0)
         if old_root != new_root:
             raise RootMismatchError(expected=old_root, computed=new_root, which="new root")
         return
+    if old_size == 0:
+        _check_proof(proof, 0)
+        return
     _check_proof(proof, _consistency_proof_size(old_size, new_size))
 
     # When old_size is a power of two the old tree is a node of the new tree and
     # its root is the RFC's implicit first path element; otherwise proof[0] is.
-    if old_size & (old_size - 1) == 0:
+    if (old_size & (old_size - 1)) == 0:
         seed, rest = old_root, proof
     else:
         seed, rest = proof[0], proof[1:]

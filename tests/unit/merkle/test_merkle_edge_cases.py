@@ -196,6 +196,12 @@ def test_empty_tree_is_consistent_with_any_tree_given_empty_proof(new_size: int)
     verify_consistency(0, new_size, EMPTY, _root(new_size), [])
 
 
+def test_two_empty_trees_are_consistent_only_with_equal_roots() -> None:
+    verify_consistency(0, 0, EMPTY, EMPTY, [])
+    with pytest.raises(RootMismatchError):
+        verify_consistency(0, 0, EMPTY, OTHER, [])
+
+
 def test_consistency_from_empty_tree_rejects_non_empty_proof() -> None:
     with pytest.raises(ProofError, match=r"^wrong proof size 1, want 0$"):
         verify_consistency(0, 4, EMPTY, _root(4), [_root(4)])

@@ -1,0 +1,244 @@
+"""`make bench`: the worker's speed against its limits, side by side in one run.
+
+Scenarios (all on this machine, PostgreSQL with fsync and synchronous commit ON):
+  naive       one INSERT and one COMMIT per event (what a simple logger does)
+  copy        a raw COPY of the same rows in batches of 1,000 (the storage limit)
+  pipeline    the whole worker: XREADGROUP, validation, HMAC, AES-GCM, Merkle, COPY, XACK,
+              draining a preloaded stream, with 1 and with 2 worker processes
+  steady      p50/p99 latency from XADD to commit at 1,000 events/s (producer in a
+              separate process)
+  burst       p99 latency of a 5,000-event burst into an idle worker
+  verify      `verify_log` over everything the run stored
+Prints a table and writes bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+from audit_worker.config import WorkerSettings
+from audit_worker.crypto import DataKeyManager, FieldCipher, LocalKeyWrapper, Pseudonymiser
+from audit_worker.db.migrate import migrate
+from audit_worker.events import AuditEvent, parse_event
+from audit_worker.localenv.servers import PostgresServer, RedisServer
+from audit_worker.localenv.workload import produce, synthetic_event
+from audit_worker.records import RecordBuilder, sequence
+from audit_worker.service import run as run_worker
+from audit_worker.verify import verify_log
+from audit_worker.worker import BatchResult
+
+console = Console()
+RESULTS = Path(__file__).parent / "results"
+PIPELINE_EVENTS = int(os.environ.get("BENCH_PIPELINE_EVENTS", "100000"))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def sample_rows(count: int, key_dir: Path) -> list[tuple[Any, ...]]:
+    wrapper = LocalKeyWrapper(key_dir / "bench.key", create=True)
+    builder = RecordBuilder(Pseudonymiser(b"k" * 32), FieldCipher())
+    key = DataKeyManager(wrapper).current()
+    rows = []
+    now = time.time()
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    recorded = datetime.fromtimestamp(now, UTC)
+    for i in range(count):
+        parsed = parse_event(json.dumps(synthetic_event(i)).encode())
+        assert isinstance(parsed, AuditEvent)
+        s = sequence(builder.prepare(parsed, key), 10_000_000 + i, recorded)
+        p = s.prepared
+        rows.append((
+            s.log_index, p.event_id, s.recorded, p.occurred, p.action, p.outcome,
+            p.patient_hmac, p.actor_hmac, p.data_key_id, s.leaf_data, s.leaf_hash,
+        ))
+    return rows
+
+
+COLUMNS = (
+    "log_index", "event_id", "recorded", "occurred", "action", "outcome",
+    "patient_hmac", "actor_hmac", "data_key_id", "leaf_data", "leaf_hash",
+)
+
+
+async def bench_naive(url: str, rows: list[tuple[Any, ...]]) -> float:
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE bench_naive (LIKE audit.events)")
+    started = time.perf_counter()
+    for row in rows:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO bench_naive (log_index, event_id, recorded, occurred, action, outcome,"
+                " patient_hmac, actor_hmac, data_key_id, leaf_data, leaf_hash)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)", *row,
+            )
+    elapsed = time.perf_counter() - started
+    await conn.close()
+    return len(rows) / elapsed
+
+
+async def bench_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE bench_copy (LIKE audit.events INCLUDING INDEXES)")
+    started = time.perf_counter()
+    for i in range(0, len(rows), 1000):
+        async with conn.transaction():
+            await conn.copy_records_to_table("bench_copy", records=rows[i:i + 1000], columns=COLUMNS)
+    elapsed = time.perf_counter() - started
+    await conn.close()
+    return len(rows) / elapsed
+
+
+async def count_events(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM audit.events"))
+    finally:
+        await conn.close()
+
+
+def worker_process(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "audit_worker.cli", "run", "--create-keys"],
+        env={**env, "AUDIT_CONSUMER_NAME": name},
+    )
+
+
+async def bench_pipeline(
+    url: str, redis_url: str, env: dict[str, str], workers: int, events: int
+) -> float:
+    redis = Redis.from_url(redis_url)
+    await produce(redis, "audit:events", events, chunk=1000)
+    await redis.aclose()
+    before = await count_events(url)
+    procs = [worker_process(env, f"bench-{workers}-{i}") for i in range(workers)]
+    started = time.perf_counter()
+    while await count_events(url) < before + events:
+        await asyncio.sleep(0.02)
+        if time.perf_counter() - started > 600:
+            raise RuntimeError("pipeline did not drain in 10 minutes")
+    elapsed = time.perf_counter() - started
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(60)
+    return events / elapsed
+
+
+async def bench_latency(
+    settings: WorkerSettings, redis_url: str, count: int, rate: float | None
+) -> dict[str, float]:
+    latencies: list[float] = []
+    stop = asyncio.Event()
+
+    def collect(result: BatchResult) -> None:
+        latencies.extend(result.latencies_ms)
+
+    task = asyncio.create_task(
+        run_worker(settings, stop, install_signal_handlers=False, on_batch=collect)
+    )
+    await asyncio.sleep(1.0)  # worker connected and idle
+    args = [sys.executable, "-m", "audit_worker.localenv.workload", redis_url, str(count)]
+    if rate:
+        args += ["--rate", str(rate)]
+    producer = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+    await producer.communicate()
+    deadline = time.perf_counter() + 120
+    while len(latencies) < count and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    return {
+        "events": len(latencies),
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": pct(latencies, 0.99),
+        "max_ms": max(latencies),
+    }
+
+
+async def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="audit-bench-"))
+    pg = PostgresServer(fast=False).start()
+    rd = RedisServer().start()
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "postgres": "fsync on, synchronous_commit on, same machine",
+        "command": "make bench",
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    try:
+        conn = await asyncpg.connect(pg.url)
+        await migrate(conn)
+        await conn.close()
+        key_dir = work / "keys"
+        env = {
+            **os.environ, "AUDIT_DATABASE_URL": pg.url, "AUDIT_REDIS_URL": rd.url,
+            "AUDIT_LOCAL_KEY_DIR": str(key_dir), "AUDIT_LOG_LEVEL": "warning",
+        }
+        settings = WorkerSettings(
+            database_url=pg.url, redis_url=rd.url, local_key_dir=key_dir,  # type: ignore[arg-type]
+            consumer_name="bench-latency", log_level="warning",
+        )
+        with console.status("baselines: naive INSERT+COMMIT and raw COPY"):
+            rows = sample_rows(20_000, work)
+            results["naive_events_per_s"] = await bench_naive(pg.url, rows[:5000])
+            results["copy_events_per_s"] = await bench_copy(pg.url, rows)
+        for workers in (1, 2):
+            with console.status(f"pipeline: {PIPELINE_EVENTS:,} events, {workers} worker(s)"):
+                results[f"pipeline_{workers}w_events_per_s"] = await bench_pipeline(
+                    pg.url, rd.url, env, workers, PIPELINE_EVENTS
+                )
+        with console.status("steady: 1,000 events/s for 20 s"):
+            results["steady_1000"] = await bench_latency(settings, rd.url, 20_000, 1000.0)
+        with console.status("burst: 5,000 events at once"):
+            results["burst_5000"] = await bench_latency(settings, rd.url, 5000, None)
+        with console.status("verify: the whole log"):
+            conn = await asyncpg.connect(pg.url)
+            pem = (key_dir / "signing.pem").read_bytes()
+            from audit_worker.crypto import LocalSigner  # noqa: PLC0415
+
+            pem = LocalSigner(key_dir / "signing.pem").public_key_pem()
+            report = await verify_log(conn, pem)
+            await conn.close()
+            results["verify"] = {
+                "ok": report.ok, "rows": report.rows, "seconds": report.seconds,
+                "rows_per_s": report.rate,
+            }
+    finally:
+        rd.stop()
+        pg.stop()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    table = Table("scenario", "figure", title=f"make bench — {results['machine']}")
+    table.add_row("naive INSERT+COMMIT per event", f"{results['naive_events_per_s']:,.0f} events/s")
+    table.add_row("raw COPY, batches of 1,000", f"{results['copy_events_per_s']:,.0f} events/s")
+    for w in (1, 2):
+        table.add_row(f"pipeline, {w} worker(s)", f"{results[f'pipeline_{w}w_events_per_s']:,.0f} events/s")
+    for name in ("steady_1000", "burst_5000"):
+        r = results[name]
+        table.add_row(name, f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms ({r['events']:,} events)")
+    v = results["verify"]
+    table.add_row("verify", f"{v['rows_per_s']:,.0f} rows/s ({v['rows']:,} rows, ok={v['ok']})")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

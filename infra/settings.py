@@ -1,0 +1,605 @@
+"""Typed environment settings: one YAML file per environment in ``environments/``.
+
+Every setting an environment has lives in ``environments/<name>.yaml`` and nowhere else.
+`load_environment` reads one file, validates it against `EnvironmentSettings` (unknown keys
+are errors), then applies the cross-field rules that make prod and DR "hardened". Any problem
+raises `SettingsError` naming the file, the key path and the reason, for example::
+
+    environments/prod.yaml: database.backup_retention_days: must be >= 35 in prod (got 14)
+    environments/prod.yaml: database.multi_az2: unknown key 'multi_az2' (did you mean 'multi_az'?)
+
+The Pulumi program calls `load_environment` before it declares any resource, so a bad file
+fails `pulumi preview` with that message and nothing else.
+
+``local`` is the no-cloud environment that ``make demo`` runs on this machine (PostgreSQL and
+Redis as local processes, local keys). It is valid for the schema but is not a Pulumi stack:
+it has a ``local`` section instead of the cloud sections.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ENVIRONMENTS_DIR",
+    "ENVIRONMENT_NAMES",
+    "HEALTH_CHECKS",
+    "STACK_ENVIRONMENTS",
+    "ArchiveSettings",
+    "CacheSettings",
+    "CloudSettings",
+    "ClusterSettings",
+    "DatabaseSettings",
+    "DnsFailoverSettings",
+    "DrSettings",
+    "EnvironmentSettings",
+    "KeySettings",
+    "LocalSettings",
+    "NetworkSettings",
+    "ProbeSettings",
+    "ProbesSettings",
+    "SettingsError",
+    "WorkerSettings",
+    "environment_matrix",
+    "load_environment",
+]
+
+ENVIRONMENTS_DIR = Path(__file__).resolve().parent.parent / "environments"
+"""Where the settings files live (``environments/`` at the repository root)."""
+
+EnvironmentName = Literal["dev", "staging", "prod", "dr", "local"]
+ENVIRONMENT_NAMES: tuple[str, ...] = ("dev", "staging", "prod", "dr", "local")
+STACK_ENVIRONMENTS: tuple[str, ...] = ("dev", "staging", "prod", "dr")
+"""Environments that are Pulumi stacks (``local`` is not)."""
+
+HARDENED: frozenset[str] = frozenset({"prod", "dr"})
+"""Environments that must be multi-AZ, deletion-protected and protected in Pulumi state."""
+
+ConfigurationLevel = Literal["basic", "production-like", "hardened", "mirror-production"]
+MonitoringLevel = Literal["standard", "enhanced", "comprehensive", "critical"]
+
+_AWS_REGION = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
+_K8S_CPU = r"^\d+(\.\d+)?m?$"
+_K8S_MEMORY = r"^\d+(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid setting: its dotted key path and what is wrong with it."""
+
+    path: str
+    reason: str
+
+
+class SettingsError(ValueError):
+    """An environment file is missing, unreadable or invalid.
+
+    ``str(error)`` has one line per problem: ``<file>: <key.path>: <reason>``.
+    """
+
+    def __init__(self, file: Path | str, problems: list[Problem]) -> None:
+        self.file = str(file)
+        self.problems = problems
+        lines = [f"{self.file}: {p.path}: {p.reason}" if p.path else f"{self.file}: {p.reason}"
+                 for p in problems]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSettings(_Model):
+    """Either a new VPC (``vpc_cidr`` + ``availability_zones``) or an existing one by id."""
+
+    vpc_cidr: str | None = None
+    availability_zones: int | None = Field(default=None, ge=2, le=6)
+    nat_gateways: Literal["single", "one-per-az"] | None = None
+    existing_vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
+    existing_private_subnet_ids: list[str] = Field(default_factory=list)
+
+    @field_validator("vpc_cidr")
+    @classmethod
+    def _cidr(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                network = ipaddress.IPv4Network(value)
+            except ValueError as exc:
+                raise ValueError(f"not an IPv4 CIDR: {exc}") from None
+            if network.prefixlen > 20:
+                raise ValueError(f"/{network.prefixlen} is too small for per-AZ subnets; use /20 or larger")
+        return value
+
+    @field_validator("existing_private_subnet_ids")
+    @classmethod
+    def _subnets(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if not re.match(r"^subnet-[0-9a-f]{8,17}$", s)]
+        if bad:
+            raise ValueError(f"not subnet ids: {', '.join(bad)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NetworkSettings:
+        new = self.vpc_cidr is not None
+        existing = self.existing_vpc_id is not None
+        if new == existing:
+            raise ValueError("set either vpc_cidr (new VPC) or existing_vpc_id (existing VPC)")
+        if new and (self.availability_zones is None or self.nat_gateways is None):
+            missing = "availability_zones" if self.availability_zones is None else "nat_gateways"
+            raise ValueError(f"{missing}: required for a new VPC")
+        if existing and len(self.existing_private_subnet_ids) < 2:
+            raise ValueError("existing_private_subnet_ids: an existing VPC needs two or more")
+        if existing and (self.availability_zones is not None or self.nat_gateways is not None):
+            raise ValueError("availability_zones and nat_gateways apply only to a new VPC")
+        return self
+
+
+class DatabaseSettings(_Model):
+    """RDS PostgreSQL. In the DR environment these describe the cross-region read replica."""
+
+    instance_class: str = Field(pattern=r"^db\.[a-z0-9]+\.[a-z0-9]+$")
+    allocated_storage_gb: int = Field(ge=20, le=65536)
+    max_allocated_storage_gb: int = Field(ge=20, le=65536)
+    engine_version: str = Field(pattern=r"^\d{2}(\.\d+)?$")
+    multi_az: bool
+    backup_retention_days: int = Field(ge=0, le=35)
+    deletion_protection: bool
+    performance_insights: bool
+    iam_auth: bool
+    database_name: str = Field(default="audit", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    worker_username: str = Field(default="audit_worker", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    backup_window: str = Field(default="03:00-04:00", pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
+    maintenance_window: str = "sun:04:30-sun:05:30"
+
+    @model_validator(mode="after")
+    def _storage(self) -> DatabaseSettings:
+        if self.max_allocated_storage_gb < self.allocated_storage_gb:
+            raise ValueError("max_allocated_storage_gb: must be >= allocated_storage_gb")
+        return self
+
+    @property
+    def parameter_group_family(self) -> str:
+        """``postgres16`` for engine version ``16.4``."""
+        return f"postgres{self.engine_version.split('.')[0]}"
+
+
+class CacheSettings(_Model):
+    """ElastiCache Redis replication group (the event intake stream)."""
+
+    node_type: str = Field(pattern=r"^cache\.[a-z0-9]+\.[a-z0-9]+$")
+    num_cache_clusters: int = Field(ge=1, le=6)
+    automatic_failover: bool
+    multi_az: bool
+    engine_version: str = Field(default="7.1", pattern=r"^\d+\.\d+$")
+    snapshot_retention_days: int = Field(default=0, ge=0, le=35)
+
+    @model_validator(mode="after")
+    def _failover(self) -> CacheSettings:
+        if self.automatic_failover and self.num_cache_clusters < 2:
+            raise ValueError("num_cache_clusters: must be >= 2 with automatic_failover")
+        if self.multi_az and not self.automatic_failover:
+            raise ValueError("multi_az: needs automatic_failover: true")
+        return self
+
+
+class ArchiveSettings(_Model):
+    """S3 archive of log segments and signed tree heads, under Object Lock (COMPLIANCE)."""
+
+    object_lock_years: int = Field(
+        default=6, ge=6, le=100,
+        description="HIPAA keeps documentation 6 years (45 CFR 164.316(b)(2)); never less.",
+    )
+    replicate_to_dr: bool = False
+
+
+class ClusterSettings(_Model):
+    """A new EKS cluster (``create: true``) or an existing one reached by a stored kubeconfig."""
+
+    create: bool
+    version: str | None = Field(default=None, pattern=r"^1\.\d{2}$")
+    node_instance_types: list[str] = Field(default_factory=list)
+    node_min_size: int | None = Field(default=None, ge=1)
+    node_desired_size: int | None = Field(default=None, ge=1)
+    node_max_size: int | None = Field(default=None, ge=1)
+    node_disk_gb: int = Field(default=50, ge=20)
+    endpoint_public_access: bool = False
+    public_access_cidrs: list[str] = Field(default_factory=list)
+    existing_cluster_name: str | None = None
+    existing_kubeconfig_secret: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClusterSettings:
+        node_fields = (self.node_min_size, self.node_desired_size, self.node_max_size)
+        if self.create:
+            if self.version is None or not self.node_instance_types or None in node_fields:
+                raise ValueError(
+                    "create: a new cluster needs version, node_instance_types, node_min_size, "
+                    "node_desired_size and node_max_size"
+                )
+            lo, want, hi = (int(n or 0) for n in node_fields)
+            if not lo <= want <= hi:
+                raise ValueError("node_desired_size: must satisfy node_min_size <= node_desired_size "
+                                 "<= node_max_size")
+            if self.existing_kubeconfig_secret or self.existing_cluster_name:
+                raise ValueError("existing_* apply only when create is false")
+        else:
+            if not self.existing_kubeconfig_secret or not self.existing_cluster_name:
+                raise ValueError(
+                    "create: an existing cluster needs existing_cluster_name and "
+                    "existing_kubeconfig_secret (a Secrets Manager secret holding the kubeconfig)"
+                )
+            if self.version is not None or self.node_instance_types or any(
+                n is not None for n in node_fields
+            ):
+                raise ValueError("version and node_* apply only when create is true")
+        if self.public_access_cidrs and not self.endpoint_public_access:
+            raise ValueError("public_access_cidrs: needs endpoint_public_access: true")
+        if self.endpoint_public_access and (
+            not self.public_access_cidrs or "0.0.0.0/0" in self.public_access_cidrs
+        ):
+            raise ValueError("public_access_cidrs: a public API endpoint needs CIDRs, not 0.0.0.0/0")
+        return self
+
+
+class WorkerSettings(_Model):
+    """The audit worker Deployment (both blue-green slots) and its release behaviour."""
+
+    image_repository: str = Field(min_length=1)
+    log_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    replicas: int = Field(ge=1, le=100)
+    min_replicas: int = Field(ge=1, le=100)
+    max_replicas: int = Field(ge=1, le=100)
+    target_cpu_percent: int = Field(default=70, ge=10, le=100)
+    cpu_request: str = Field(pattern=_K8S_CPU)
+    cpu_limit: str = Field(pattern=_K8S_CPU)
+    memory_request: str = Field(pattern=_K8S_MEMORY)
+    memory_limit: str = Field(pattern=_K8S_MEMORY)
+    batch_size: int = Field(ge=1, le=10_000)
+    sign_interval_seconds: int = Field(ge=1, le=3600)
+    shutdown_grace_seconds: int = Field(ge=1, le=600)
+    auto_promote: bool
+    scale_down_delay_seconds: int = Field(default=30, ge=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkerSettings:
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError("replicas: must satisfy min_replicas <= replicas <= max_replicas")
+        return self
+
+
+class ProbeSettings(_Model):
+    period_seconds: int = Field(ge=1, le=3600)
+    timeout_seconds: int = Field(ge=1, le=600)
+
+    @model_validator(mode="after")
+    def _timeout(self) -> ProbeSettings:
+        if self.timeout_seconds > self.period_seconds:
+            raise ValueError("timeout_seconds: must be <= period_seconds")
+        return self
+
+
+HEALTH_CHECKS: dict[str, tuple[int, int]] = {
+    "liveness": (30, 5),
+    "readiness": (10, 3),
+    "database": (60, 10),
+    "redis": (30, 5),
+    "external": (120, 15),
+}
+"""The design's health-check table: check -> (period seconds, timeout seconds)."""
+
+
+def _probe(check: str) -> ProbeSettings:
+    period, timeout = HEALTH_CHECKS[check]
+    return ProbeSettings(period_seconds=period, timeout_seconds=timeout)
+
+
+class ProbesSettings(_Model):
+    """Health checks; the defaults are the design's table and env files rarely override them."""
+
+    liveness: ProbeSettings = Field(default_factory=lambda: _probe("liveness"))
+    readiness: ProbeSettings = Field(default_factory=lambda: _probe("readiness"))
+    database: ProbeSettings = Field(default_factory=lambda: _probe("database"))
+    redis: ProbeSettings = Field(default_factory=lambda: _probe("redis"))
+    external: ProbeSettings = Field(default_factory=lambda: _probe("external"))
+
+
+class DnsFailoverSettings(_Model):
+    """Route 53 failover records (PRIMARY prod, SECONDARY DR), declared by the DR stack."""
+
+    hosted_zone_id: str = Field(pattern=r"^Z[A-Z0-9]{4,32}$")
+    zone_name: str = Field(pattern=r"^([a-z0-9-]+\.)+[a-z]{2,}$")
+    intake_record: str = Field(default="intake", pattern=r"^[a-z0-9-]+$")
+    database_record: str = Field(default="db", pattern=r"^[a-z0-9-]+$")
+    health_check_fqdn: str = Field(pattern=r"^([a-z0-9-]+\.)+[a-z]{2,}$")
+    health_check_path: str = Field(default="/readyz", pattern=r"^/")
+    ttl_seconds: int = Field(default=60, ge=5, le=3600)
+
+
+class DrSettings(_Model):
+    """Disaster recovery: in ``dr`` where the primary is; in ``prod`` where DR is."""
+
+    strategy: Literal["pilot-light", "warm-standby"] | None = None
+    primary_stack: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+/[\w.-]+$")
+    primary_region: str | None = Field(default=None, pattern=_AWS_REGION)
+    dr_region: str | None = Field(default=None, pattern=_AWS_REGION)
+    dns: DnsFailoverSettings | None = None
+
+
+class KeySettings(_Model):
+    backend: Literal["kms", "local"] = "kms"
+    deletion_window_days: int = Field(default=30, ge=7, le=30)
+    multi_region: bool = False
+
+
+class LocalSettings(_Model):
+    """The ``local`` platform of ``make demo``: processes on this machine, no cloud."""
+
+    postgres_port: int = Field(ge=1024, le=65535)
+    replica_port: int = Field(ge=1024, le=65535)
+    redis_port: int = Field(ge=1024, le=65535)
+    data_dir: str = Field(min_length=1)
+    key_dir: str = Field(min_length=1)
+
+
+class EnvironmentSettings(_Model):
+    """Everything about one environment. Cloud sections are absent only in ``local``."""
+
+    name: EnvironmentName
+    purpose: str = Field(min_length=3)
+    configuration_level: ConfigurationLevel
+    monitoring_level: MonitoringLevel
+    region: str = Field(pattern=_AWS_REGION)
+    network: NetworkSettings | None = None
+    database: DatabaseSettings | None = None
+    cache: CacheSettings | None = None
+    archive: ArchiveSettings | None = None
+    cluster: ClusterSettings | None = None
+    worker: WorkerSettings
+    probes: ProbesSettings = Field(default_factory=ProbesSettings)
+    dr: DrSettings | None = None
+    keys: KeySettings = Field(default_factory=KeySettings)
+    local: LocalSettings | None = None
+
+    @property
+    def hardened(self) -> bool:
+        """Prod and DR: multi-AZ, deletion protection, ``protect`` in Pulumi state."""
+        return self.name in HARDENED
+
+    def cloud(self) -> CloudSettings:
+        """The cloud sections, all present; raises `SettingsError` for ``local``."""
+        if (
+            self.network is None or self.database is None or self.cache is None
+            or self.archive is None or self.cluster is None
+        ):
+            raise SettingsError(
+                f"environment {self.name}",
+                [Problem("", f"'{self.name}' is not a cloud environment (no Pulumi stack)")],
+            )
+        return CloudSettings(
+            network=self.network, database=self.database, cache=self.cache,
+            archive=self.archive, cluster=self.cluster,
+        )
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """The sections every Pulumi stack has, without the ``| None`` of the schema."""
+
+    network: NetworkSettings
+    database: DatabaseSettings
+    cache: CacheSettings
+    archive: ArchiveSettings
+    cluster: ClusterSettings
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field rules
+# --------------------------------------------------------------------------------------------
+
+_CLOUD_SECTIONS = ("network", "database", "cache", "archive", "cluster")
+
+
+def _rules(s: EnvironmentSettings) -> list[Problem]:
+    """Rules that span sections or depend on the environment's name."""
+    out: list[Problem] = []
+
+    def need(ok: bool, path: str, reason: str) -> None:
+        if not ok:
+            out.append(Problem(path, reason))
+
+    if s.name == "local":
+        for section in _CLOUD_SECTIONS:
+            need(getattr(s, section) is None, section,
+                 "not used by the local environment (it has no cloud resources)")
+        need(s.local is not None, "local", "required in the local environment")
+        need(s.keys.backend == "local", "keys.backend", "must be 'local' in the local environment")
+        return out
+
+    need(s.local is None, "local", "only the local environment has a local section")
+    for section in _CLOUD_SECTIONS:
+        need(getattr(s, section) is not None, section, f"required in {s.name}")
+    need(s.keys.backend == "kms", "keys.backend", f"must be 'kms' in {s.name}")
+    if out:
+        return out
+    cloud = s.cloud()
+    db, cache, net = cloud.database, cloud.cache, cloud.network
+
+    minimum_backups = 35 if s.name == "prod" else 7
+    need(db.backup_retention_days >= minimum_backups, "database.backup_retention_days",
+         f"must be >= {minimum_backups} in {s.name} (got {db.backup_retention_days})")
+
+    if s.hardened:
+        need(db.multi_az, "database.multi_az", f"must be true in {s.name}")
+        need(db.deletion_protection, "database.deletion_protection", f"must be true in {s.name}")
+        need(cache.multi_az, "cache.multi_az", f"must be true in {s.name}")
+        need(cache.automatic_failover, "cache.automatic_failover", f"must be true in {s.name}")
+        need(net.nat_gateways in (None, "one-per-az"), "network.nat_gateways",
+             f"must be 'one-per-az' in {s.name} (a single NAT gateway is a single point of failure)")
+        need(not s.worker.auto_promote, "worker.auto_promote",
+             f"must be false in {s.name}: promotion there needs a person")
+        need(not cloud.cluster.endpoint_public_access, "cluster.endpoint_public_access",
+             f"must be false in {s.name}")
+
+    if s.name == "prod":
+        need(s.keys.multi_region, "keys.multi_region",
+             "must be true in prod (DR replicates every key)")
+        dr = s.dr
+        need(dr is not None and dr.dr_region is not None, "dr.dr_region", "required in prod")
+        if dr is not None:
+            need(dr.strategy is None and dr.primary_stack is None and dr.primary_region is None
+                 and dr.dns is None, "dr", "prod sets only dr.dr_region")
+            need(dr.dr_region != s.region, "dr.dr_region", "must differ from region")
+    elif s.name == "dr":
+        dr = s.dr
+        if dr is None:
+            out.append(Problem("dr", "required in dr (strategy, primary_stack, primary_region, dns)"))
+        else:
+            need(dr.strategy is not None, "dr.strategy", "required in dr (pilot-light or warm-standby)")
+            need(dr.primary_stack is not None, "dr.primary_stack",
+                 "required in dr (e.g. organization/audit-kit/prod)")
+            need(dr.primary_region is not None, "dr.primary_region", "required in dr")
+            need(dr.primary_region != s.region, "dr.primary_region", "must differ from region")
+            need(dr.dns is not None, "dr.dns", "required in dr (hosted zone and record names)")
+            need(dr.dr_region is None, "dr.dr_region", "set only in prod")
+        need(not s.keys.multi_region, "keys.multi_region",
+             "must be false in dr: its keys are replicas of prod's multi-region keys")
+        need(not cloud.archive.replicate_to_dr, "archive.replicate_to_dr", "not allowed in dr")
+    else:
+        need(s.dr is None, "dr", f"not used in {s.name}")
+
+    if cloud.archive.replicate_to_dr:
+        need(s.dr is not None and s.dr.dr_region is not None, "archive.replicate_to_dr",
+             "needs dr.dr_region")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _path_of(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(("." if parts else "") + part)
+    return "".join(parts)
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names valid at ``loc`` (the parent of an unknown key)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        current = candidates[0]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _problems_from(exc: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for err in exc.errors():
+        # Drop pydantic's union-branch markers such as "NetworkSettings" or "function-after[...]".
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not p[:1].isupper()
+                    and "[" not in p)
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            reason = f"unknown key '{key}'"
+            close = difflib.get_close_matches(key, _known_keys(EnvironmentSettings, loc[:-1]), n=1)
+            if close:
+                reason += f" (did you mean '{close[0]}'?)"
+        elif err["type"] == "missing":
+            reason = "required key is missing"
+        else:
+            reason = str(err["msg"]).removeprefix("Value error, ")
+            # A model validator says "<field>: <reason>": move the field into the key path.
+            field, sep, rest = reason.partition(": ")
+            if sep and field in _known_keys(EnvironmentSettings, loc):
+                loc, reason = (*loc, field), rest
+            elif "input" in err and not isinstance(err["input"], dict | list):
+                reason += f" (got {err['input']!r})"
+        problems.append(Problem(_path_of(loc), reason))
+    return problems
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if isinstance(name_or_path, str) and name_or_path in ENVIRONMENT_NAMES:
+        return ENVIRONMENTS_DIR / f"{name_or_path}.yaml"
+    return candidate
+
+
+def load_environment(name_or_path: str | Path) -> EnvironmentSettings:
+    """Load and validate ``environments/<name>.yaml`` (or the file at a path).
+
+    Raises `SettingsError` naming the file, each key path and the reason.
+    """
+    path = _resolve(name_or_path)
+    try:
+        shown: Path | str = path.resolve().relative_to(ENVIRONMENTS_DIR.parent)
+    except ValueError:
+        shown = path
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        known = ", ".join(ENVIRONMENT_NAMES)
+        raise SettingsError(shown, [Problem("", f"no such settings file (environments: {known})")]
+                            ) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(shown, [Problem("", f"cannot read: {exc}")]) from exc
+    if not isinstance(raw, dict):
+        raise SettingsError(shown, [Problem("", "the top level must be a mapping of settings")])
+    try:
+        settings = EnvironmentSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsError(shown, _problems_from(exc)) from None
+    if path.stem in ENVIRONMENT_NAMES and path.stem != settings.name:
+        raise SettingsError(shown, [Problem("name", f"must be '{path.stem}' in {path.name} "
+                                                    f"(got '{settings.name}')")])
+    problems = _rules(settings)
+    if problems:
+        raise SettingsError(shown, problems)
+    return settings
+
+
+def environment_matrix() -> list[dict[str, str]]:
+    """One row per environment, for the docs: name, purpose, configuration and monitoring level."""
+    rows: list[dict[str, str]] = []
+    for name in ENVIRONMENT_NAMES:
+        s = load_environment(name)
+        rows.append({
+            "name": s.name,
+            "purpose": s.purpose,
+            "configuration_level": s.configuration_level,
+            "monitoring_level": s.monitoring_level,
+        })
+    return rows
