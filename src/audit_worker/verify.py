@@ -15,7 +15,7 @@ import asyncpg
 
 from audit_worker.crypto import SignatureError, TreeHead, verify_tree_head
 from audit_worker.merkle import CompactRange, hash_leaf
-from audit_worker.records import iso_ms, parse_leaf
+from audit_worker.records import parse_leaf
 
 FindingKind = Literal[
     "bad_signature",
@@ -32,9 +32,15 @@ FindingKind = Literal[
 ]
 
 _PAGE = 20_000
+# The server renders the indexed columns in the leaf's own text forms, on its own core,
+# so the comparison here is string equality.
+_ISO_MS = """'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"""
 _SELECT_ROWS = (
-    "SELECT log_index, event_id, recorded, occurred, action, outcome, patient_hmac,"
-    " actor_hmac, leaf_data, leaf_hash FROM audit.events"
+    "SELECT log_index, recorded, leaf_data, leaf_hash, event_id::text AS event_id,"
+    f" to_char(recorded AT TIME ZONE 'UTC', {_ISO_MS}) AS recorded_iso,"
+    f" to_char(occurred AT TIME ZONE 'UTC', {_ISO_MS}) AS occurred_iso,"
+    " action, outcome, encode(patient_hmac, 'hex') AS patient_hex,"
+    " encode(actor_hmac, 'hex') AS actor_hex FROM audit.events"
 )
 _MAX_FINDINGS_PER_KIND = 50  # a wholesale rewrite should not produce a million-line report
 
@@ -93,24 +99,20 @@ class _Collector:
             self.report.suppressed[finding.kind] = n - _MAX_FINDINGS_PER_KIND
 
 
+# (column in the SELECT above, key in the leaf, name reported)
+_CHECKED_COLUMNS = (
+    ("event_id", "event_id", "event_id"),
+    ("action", "action", "action"),
+    ("outcome", "outcome", "outcome"),
+    ("patient_hex", "patient_hmac", "patient_hmac"),
+    ("actor_hex", "actor_hmac", "actor_hmac"),
+    ("occurred_iso", "occurred", "occurred"),
+    ("recorded_iso", "recorded", "recorded"),
+)
+
+
 def _column_problems(row: asyncpg.Record, leaf: dict[str, Any]) -> list[str]:
-    problems = []
-    if leaf.get("event_id") != str(row["event_id"]):
-        problems.append("event_id")
-    if leaf.get("action") != row["action"]:
-        problems.append("action")
-    if leaf.get("outcome") != row["outcome"]:
-        problems.append("outcome")
-    patient = row["patient_hmac"]
-    if leaf.get("patient_hmac") != (bytes(patient).hex() if patient is not None else None):
-        problems.append("patient_hmac")
-    if leaf.get("actor_hmac") != bytes(row["actor_hmac"]).hex():
-        problems.append("actor_hmac")
-    if leaf.get("occurred") != iso_ms(row["occurred"]):
-        problems.append("occurred")
-    if leaf.get("recorded") != iso_ms(row["recorded"]):
-        problems.append("recorded")
-    return problems
+    return [name for column, key, name in _CHECKED_COLUMNS if leaf.get(key) != row[column]]
 
 
 async def _verified_heads(

@@ -409,9 +409,9 @@ def test_network_policy_is_default_deny_with_listed_egress_only(env: str) -> Non
         assert peer["namespaceSelector"]["matchLabels"] == {
             "kubernetes.io/metadata.name": "kube-system"
         }
-    for port, key in ((5432, "postgresCidrs"), (6379, "redisCidrs"), (443, "awsApiCidrs")):
+    for port, value_key in ((5432, "postgresCidrs"), (6379, "redisCidrs"), (443, "awsApiCidrs")):
         cidrs = [peer["ipBlock"]["cidr"] for peer in seen.get((port, "TCP"), [])]
-        assert cidrs == egress_values[key], f"{env}: port {port} peers"
+        assert cidrs == egress_values[value_key], f"{env}: port {port} peers"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)

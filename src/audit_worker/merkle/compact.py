@@ -67,7 +67,7 @@ class CompactRange:
         hashes = self._hashes
         hashes.append(leaf_hash)
         # Like binary increment: each trailing 1 bit of the old size is a perfect
-        # subtree of the same height as the new one on its right, so merge them.
+        # subtree as tall as the one being carried, so the two merge into their parent.
         carry = self._size
         while carry & 1:
             right = hashes.pop()

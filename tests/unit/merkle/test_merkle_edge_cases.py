@@ -322,3 +322,16 @@ def test_compact_range_from_state_copies_the_callers_list() -> None:
     compact = CompactRange.from_state(4, state)
     state[0] = OTHER
     assert compact.root() == _root(4)
+
+
+def test_proofs_verify_in_trees_larger_than_the_property_tests_reach() -> None:
+    leaves = [hash_leaf(i.to_bytes(4, "big")) for i in range(4097)]
+    for size in (1023, 1024, 1025, 4097):
+        root = root_from_leaf_hashes(leaves[:size])
+        for index in (0, 1, size // 2, size - 2, size - 1):
+            verify_inclusion(
+                index, size, leaves[index], inclusion_proof(leaves[:size], index), root
+            )
+        for old in (1, 3, 512, 1000, size - 1):
+            old_root = root_from_leaf_hashes(leaves[:old])
+            verify_consistency(old, size, old_root, root, consistency_proof(leaves, old, size))
