@@ -58,7 +58,7 @@ def sample_rows(count: int, key_dir: Path) -> list[tuple[Any, ...]]:
     key = DataKeyManager(wrapper).current()
     rows = []
     now = time.time()
-    from datetime import UTC, datetime  # noqa: PLC0415
+    from datetime import UTC, datetime
 
     recorded = datetime.fromtimestamp(now, UTC)
     for i in range(count):
@@ -66,16 +66,36 @@ def sample_rows(count: int, key_dir: Path) -> list[tuple[Any, ...]]:
         assert isinstance(parsed, AuditEvent)
         s = sequence(builder.prepare(parsed, key), 10_000_000 + i, recorded)
         p = s.prepared
-        rows.append((
-            s.log_index, p.event_id, s.recorded, p.occurred, p.action, p.outcome,
-            p.patient_hmac, p.actor_hmac, p.data_key_id, s.leaf_data, s.leaf_hash,
-        ))
+        rows.append(
+            (
+                s.log_index,
+                p.event_id,
+                s.recorded,
+                p.occurred,
+                p.action,
+                p.outcome,
+                p.patient_hmac,
+                p.actor_hmac,
+                p.data_key_id,
+                s.leaf_data,
+                s.leaf_hash,
+            )
+        )
     return rows
 
 
 COLUMNS = (
-    "log_index", "event_id", "recorded", "occurred", "action", "outcome",
-    "patient_hmac", "actor_hmac", "data_key_id", "leaf_data", "leaf_hash",
+    "log_index",
+    "event_id",
+    "recorded",
+    "occurred",
+    "action",
+    "outcome",
+    "patient_hmac",
+    "actor_hmac",
+    "data_key_id",
+    "leaf_data",
+    "leaf_hash",
 )
 
 
@@ -88,7 +108,8 @@ async def bench_naive(url: str, rows: list[tuple[Any, ...]]) -> float:
             await conn.execute(
                 "INSERT INTO bench_naive (log_index, event_id, recorded, occurred, action, outcome,"
                 " patient_hmac, actor_hmac, data_key_id, leaf_data, leaf_hash)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)", *row,
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                *row,
             )
     elapsed = time.perf_counter() - started
     await conn.close()
@@ -101,7 +122,9 @@ async def bench_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
     started = time.perf_counter()
     for i in range(0, len(rows), 1000):
         async with conn.transaction():
-            await conn.copy_records_to_table("bench_copy", records=rows[i:i + 1000], columns=COLUMNS)
+            await conn.copy_records_to_table(
+                "bench_copy", records=rows[i : i + 1000], columns=COLUMNS
+            )
     elapsed = time.perf_counter() - started
     await conn.close()
     return len(rows) / elapsed
@@ -179,7 +202,9 @@ async def main() -> None:
     pg = PostgresServer(fast=False).start()
     rd = RedisServer().start()
     results: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
         "postgres": "fsync on, synchronous_commit on, same machine",
         "command": "make bench",
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -190,12 +215,18 @@ async def main() -> None:
         await conn.close()
         key_dir = work / "keys"
         env = {
-            **os.environ, "AUDIT_DATABASE_URL": pg.url, "AUDIT_REDIS_URL": rd.url,
-            "AUDIT_LOCAL_KEY_DIR": str(key_dir), "AUDIT_LOG_LEVEL": "warning",
+            **os.environ,
+            "AUDIT_DATABASE_URL": pg.url,
+            "AUDIT_REDIS_URL": rd.url,
+            "AUDIT_LOCAL_KEY_DIR": str(key_dir),
+            "AUDIT_LOG_LEVEL": "warning",
         }
         settings = WorkerSettings(
-            database_url=pg.url, redis_url=rd.url, local_key_dir=key_dir,  # type: ignore[arg-type]
-            consumer_name="bench-latency", log_level="warning",
+            database_url=pg.url,
+            redis_url=rd.url,
+            local_key_dir=key_dir,  # type: ignore[arg-type]
+            consumer_name="bench-latency",
+            log_level="warning",
         )
         with console.status("baselines: naive INSERT+COMMIT and raw COPY"):
             rows = sample_rows(20_000, work)
@@ -213,13 +244,15 @@ async def main() -> None:
         with console.status("verify: the whole log"):
             conn = await asyncpg.connect(pg.url)
             pem = (key_dir / "signing.pem").read_bytes()
-            from audit_worker.crypto import LocalSigner  # noqa: PLC0415
+            from audit_worker.crypto import LocalSigner
 
             pem = LocalSigner(key_dir / "signing.pem").public_key_pem()
             report = await verify_log(conn, pem)
             await conn.close()
             results["verify"] = {
-                "ok": report.ok, "rows": report.rows, "seconds": report.seconds,
+                "ok": report.ok,
+                "rows": report.rows,
+                "seconds": report.seconds,
                 "rows_per_s": report.rate,
             }
     finally:
@@ -231,10 +264,16 @@ async def main() -> None:
     table.add_row("naive INSERT+COMMIT per event", f"{results['naive_events_per_s']:,.0f} events/s")
     table.add_row("raw COPY, batches of 1,000", f"{results['copy_events_per_s']:,.0f} events/s")
     for w in (1, 2):
-        table.add_row(f"pipeline, {w} worker(s)", f"{results[f'pipeline_{w}w_events_per_s']:,.0f} events/s")
+        table.add_row(
+            f"pipeline, {w} worker(s)", f"{results[f'pipeline_{w}w_events_per_s']:,.0f} events/s"
+        )
     for name in ("steady_1000", "burst_5000"):
         r = results[name]
-        table.add_row(name, f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms ({r['events']:,} events)")
+        table.add_row(
+            name,
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms"
+            f" ({r['events']:,} events)",
+        )
     v = results["verify"]
     table.add_row("verify", f"{v['rows_per_s']:,.0f} rows/s ({v['rows']:,} rows, ok={v['ok']})")
     console.print(table)

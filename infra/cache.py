@@ -57,7 +57,7 @@ class Cache(pulumi.ComponentResource):
         )
         # AUTH tokens may not contain '@', '"' or '/': letters and digits only.
         token = random.RandomPassword(f"{name}-auth-token", length=64, special=False, opts=child)
-        self._token = pulumi.Output.secret(token.result)
+        self._token: pulumi.Output[str] = pulumi.Output.secret(token.result)
         secret = aws.secretsmanager.Secret(
             f"{name}-auth-secret",
             description=f"audit-kit {args.environment}: Redis AUTH token",

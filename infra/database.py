@@ -5,10 +5,12 @@
   it is never in Pulumi state or in any output.
 - TLS only (``rds.force_ssl=1``) and pgaudit for DDL and role changes. pgaudit never logs
   statement parameters, which would put PHI into the PostgreSQL log.
-- The worker connects as its own role (``worker_username``), whose generated password is
-  kept in a Secrets Manager secret encrypted with the secrets key; the migration job creates
-  that role with UPDATE and DELETE revoked. In DR the replica already has the role, so the
-  DR stack passes prod's worker password in (`DatabaseArgs.worker_password`).
+- The worker connects as its own login role (``worker_username``), whose generated password
+  is kept in a Secrets Manager secret encrypted with the secrets key. Pulumi cannot reach the
+  private instance, so a one-time bootstrap (with the master secret) creates that login with
+  this password and grants it ``audit_writer``, the NOLOGIN role of migration 0001 (SELECT
+  and INSERT only). In DR the replica already has the role, so the DR stack passes prod's
+  worker password in (`DatabaseArgs.worker_password`).
 - Prod and DR: multi-AZ, deletion protection, a final snapshot, and ``protect`` in Pulumi.
 """
 
@@ -145,7 +147,7 @@ class Database(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, protect=args.hardened),
         )
         self.master_secret_arn = None if replica else instance.master_user_secrets.apply(
-            lambda secrets: secrets[0].secret_arn if secrets else "")
+            lambda secrets: str(secrets[0].secret_arn or "") if secrets else "")
 
         self.instance_arn = instance.arn
         self.identifier = instance.identifier
@@ -159,7 +161,15 @@ class Database(pulumi.ComponentResource):
                 f"{name}-worker-password", length=40, special=False, opts=child).result
         else:
             password = args.worker_password
-        self._worker_password = pulumi.Output.secret(password)
+        self._worker_password: pulumi.Output[str] = pulumi.Output.secret(password)
+        credentials: pulumi.Output[str] = pulumi.Output.secret(pulumi.Output.json_dumps({
+            "engine": "postgres",
+            "username": s.worker_username,
+            "password": self._worker_password,
+            "host": self.address,
+            "port": self.port,
+            "dbname": s.database_name,
+        }))
         worker_secret = aws.secretsmanager.Secret(
             f"{name}-worker-credentials",
             description=f"audit-kit {args.environment}: PostgreSQL credentials of the worker role",
@@ -170,14 +180,7 @@ class Database(pulumi.ComponentResource):
         aws.secretsmanager.SecretVersion(
             f"{name}-worker-credentials-value",
             secret_id=worker_secret.id,
-            secret_string=pulumi.Output.secret(pulumi.Output.json_dumps({
-                "engine": "postgres",
-                "username": s.worker_username,
-                "password": self._worker_password,
-                "host": self.address,
-                "port": self.port,
-                "dbname": s.database_name,
-            })),
+            secret_string=credentials,
             opts=child,
         )
         self.worker_secret_arn = worker_secret.arn

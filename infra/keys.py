@@ -125,6 +125,8 @@ class KeysArgs:
     """DR: purpose -> ARN of prod's primary key; each becomes an `aws.kms.ReplicaKey` here."""
     archive_replica_region: str | None = None
     """Prod: the DR region, where the archive key gets a replica for the replica bucket."""
+    protect: bool = False
+    """Prod and DR: ``protect`` every key (deleting one makes its data unreadable)."""
 
 
 class Keys(pulumi.ComponentResource):
@@ -198,7 +200,7 @@ class Keys(pulumi.ComponentResource):
             multi_region=args.multi_region,
             policy=account_id.apply(lambda acct: json.dumps(
                 key_policy(account_id=acct, region=args.region, purpose=purpose))),
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, protect=args.protect),
         )
         alias = f"alias/audit-kit-{args.environment}-{purpose}"
         aws.kms.Alias(f"{name}-{purpose}-alias", name=alias, target_key_id=key.key_id,
@@ -216,7 +218,7 @@ class Keys(pulumi.ComponentResource):
             region=region,
             policy=account_id.apply(lambda acct: json.dumps(
                 key_policy(account_id=acct, region=region, purpose=purpose))),
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, protect=args.protect),
         )
         aws.kms.Alias(f"{resource_name}-alias", name=alias, target_key_id=replica.key_id,
                       region=region, opts=pulumi.ResourceOptions(parent=self))

@@ -124,7 +124,8 @@ class NetworkSettings(_Model):
             except ValueError as exc:
                 raise ValueError(f"not an IPv4 CIDR: {exc}") from None
             if network.prefixlen > 20:
-                raise ValueError(f"/{network.prefixlen} is too small for per-AZ subnets; use /20 or larger")
+                raise ValueError(
+                    f"/{network.prefixlen} is too small for per-AZ subnets; use /20 or larger")
         return value
 
     @field_validator("existing_private_subnet_ids")
@@ -224,6 +225,13 @@ class ClusterSettings(_Model):
     existing_cluster_name: str | None = None
     existing_kubeconfig_secret: str | None = None
 
+    def node_scaling(self) -> tuple[int, int, int]:
+        """(min, desired, max) nodes of a new cluster."""
+        if self.node_min_size is None or self.node_desired_size is None or (
+                self.node_max_size is None):
+            raise ValueError("node sizes apply only to a new cluster (create: true)")
+        return self.node_min_size, self.node_desired_size, self.node_max_size
+
     @model_validator(mode="after")
     def _one_source(self) -> ClusterSettings:
         node_fields = (self.node_min_size, self.node_desired_size, self.node_max_size)
@@ -235,8 +243,8 @@ class ClusterSettings(_Model):
                 )
             lo, want, hi = (int(n or 0) for n in node_fields)
             if not lo <= want <= hi:
-                raise ValueError("node_desired_size: must satisfy node_min_size <= node_desired_size "
-                                 "<= node_max_size")
+                raise ValueError("node_desired_size: must satisfy node_min_size <= "
+                                 "node_desired_size <= node_max_size")
             if self.existing_kubeconfig_secret or self.existing_cluster_name:
                 raise ValueError("existing_* apply only when create is false")
         else:
@@ -254,7 +262,8 @@ class ClusterSettings(_Model):
         if self.endpoint_public_access and (
             not self.public_access_cidrs or "0.0.0.0/0" in self.public_access_cidrs
         ):
-            raise ValueError("public_access_cidrs: a public API endpoint needs CIDRs, not 0.0.0.0/0")
+            raise ValueError(
+                "public_access_cidrs: a public API endpoint needs CIDRs, not 0.0.0.0/0")
         return self
 
 
@@ -451,7 +460,7 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
         need(cache.multi_az, "cache.multi_az", f"must be true in {s.name}")
         need(cache.automatic_failover, "cache.automatic_failover", f"must be true in {s.name}")
         need(net.nat_gateways in (None, "one-per-az"), "network.nat_gateways",
-             f"must be 'one-per-az' in {s.name} (a single NAT gateway is a single point of failure)")
+             f"must be 'one-per-az' in {s.name} (one NAT gateway is a single point of failure)")
         need(not s.worker.auto_promote, "worker.auto_promote",
              f"must be false in {s.name}: promotion there needs a person")
         need(not cloud.cluster.endpoint_public_access, "cluster.endpoint_public_access",
@@ -469,9 +478,11 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
     elif s.name == "dr":
         dr = s.dr
         if dr is None:
-            out.append(Problem("dr", "required in dr (strategy, primary_stack, primary_region, dns)"))
+            out.append(Problem(
+                "dr", "required in dr (strategy, primary_stack, primary_region, dns)"))
         else:
-            need(dr.strategy is not None, "dr.strategy", "required in dr (pilot-light or warm-standby)")
+            need(dr.strategy is not None, "dr.strategy",
+                 "required in dr (pilot-light or warm-standby)")
             need(dr.primary_stack is not None, "dr.primary_stack",
                  "required in dr (e.g. organization/audit-kit/prod)")
             need(dr.primary_region is not None, "dr.primary_region", "required in dr")
@@ -509,7 +520,8 @@ def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]
     """The field names valid at ``loc`` (the parent of an unknown key)."""
     current: Any = model
     for part in loc:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if isinstance(part, int) or not (
+                isinstance(current, type) and issubclass(current, BaseModel)):
             return []
         field = current.model_fields.get(part)
         if field is None:
@@ -529,8 +541,8 @@ def _problems_from(exc: ValidationError) -> list[Problem]:
     problems: list[Problem] = []
     for err in exc.errors():
         # Drop pydantic's union-branch markers such as "NetworkSettings" or "function-after[...]".
-        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not p[:1].isupper()
-                    and "[" not in p)
+        loc = tuple(p for p in err["loc"]
+                    if isinstance(p, int) or (not p[:1].isupper() and "[" not in p))
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
             reason = f"unknown key '{key}'"

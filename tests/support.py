@@ -40,7 +40,9 @@ def encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event).encode()
 
 
-def worker_settings(database_url: str, redis_url: str, key_dir: Path, **extra: Any) -> WorkerSettings:
+def worker_settings(
+    database_url: str, redis_url: str, key_dir: Path, **extra: Any
+) -> WorkerSettings:
     return WorkerSettings(
         database_url=database_url,  # type: ignore[arg-type]
         redis_url=redis_url,  # type: ignore[arg-type]

@@ -1,12 +1,14 @@
-"""`audit-worker`: run the worker, migrate the schema, verify the log, compute search keys."""
+"""`audit-worker`: run the worker, migrate the schema, verify the log, check its health,
+compute search keys."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import uuid
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +28,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     text = "text"
     json = "json"
 
@@ -61,8 +63,13 @@ def _need_db(url: str | None) -> str:
 def run(config: ConfigOpt = None, create_keys: bool = typer.Option(
     False, help="create missing local key files (local/dev key backend only)"
 )) -> None:
-    """Consume the stream and append to the log until SIGTERM."""
-    from audit_worker import service  # noqa: PLC0415 - keeps `--help` fast
+    """Consume the stream and append to the log until SIGTERM, serving health, metrics
+    and the HTTP intake on AUDIT_HTTP_HOST:AUDIT_HTTP_PORT (default 0.0.0.0:8080).
+
+    The process waits (readiness false) while PostgreSQL or Redis is down or the schema
+    is not migrated yet, and exits 1 after an integrity failure stopped the writer."""
+    from audit_worker import service
+    from audit_worker.crypto import CryptoError
 
     try:
         settings = load_settings(config)
@@ -70,9 +77,72 @@ def run(config: ConfigOpt = None, create_keys: bool = typer.Option(
         raise _fail(str(exc)) from None
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(service.run(settings, create_keys=create_keys))
-    except AuditError as exc:
+        asyncio.run(service.run(settings, create_keys=create_keys, serve_http=True))
+    except (AuditError, CryptoError) as exc:
         raise _fail(str(exc), 1) from None
+
+
+class Check(StrEnum):
+    livez = "livez"
+    readyz = "readyz"
+    database = "database"
+    redis = "redis"
+    external = "external"
+
+
+_CHECK_PATHS = {
+    Check.livez: ("/livez", 5.0),
+    Check.readyz: ("/readyz", 3.0),
+    Check.database: ("/healthz/database", 10.0),
+    Check.redis: ("/healthz/redis", 5.0),
+    Check.external: ("/healthz/external", 15.0),
+}
+
+
+@app.command()
+def health(
+    check: Annotated[Check, typer.Argument(help="which check")] = Check.readyz,
+    url: Annotated[
+        str | None,
+        typer.Option(help="worker base URL (default http://127.0.0.1:$AUDIT_HTTP_PORT)"),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="seconds (default: the check's probe timeout)")
+    ] = None,
+    output: OutputOpt = Output.json,
+) -> None:
+    """Ask a running worker for one health check; exit 0 when healthy, 1 when not."""
+    import os
+
+    import httpx
+
+    path, default_timeout = _CHECK_PATHS[check]
+    base = url or f"http://127.0.0.1:{os.environ.get('AUDIT_HTTP_PORT', '8080')}"
+    try:
+        reply = httpx.get(base.rstrip("/") + path, timeout=timeout or default_timeout)
+    except httpx.HTTPError as exc:
+        raise _fail(f"no answer from {base}{path}: {type(exc).__name__}: {exc}", 1) from None
+    try:
+        body = reply.json()
+    except ValueError:
+        body = {"status": "fail", "problems": [f"HTTP {reply.status_code}, not JSON"]}
+    if output is Output.json:
+        _emit(output, body)
+    else:
+        status = "[green]ok[/green]" if reply.status_code == 200 else "[red]FAIL[/red]"
+        console.print(f"{status}  {check.value} ({reply.status_code})")
+        for problem in body.get("problems", []):
+            console.print(f"  - {problem}")
+    if reply.status_code != 200:
+        raise typer.Exit(1)
+
+
+@app.command()
+def openapi() -> None:
+    """Print the HTTP API's OpenAPI document (as checked in at docs/openapi.json)."""
+    from audit_worker.http.app import openapi_text
+
+    sys.stdout.write(openapi_text())
 
 
 @app.command()
@@ -103,7 +173,8 @@ def migrate(
     if output is Output.json:
         _emit(output, {"applied": done, "pending": [m.version for m in pending]})
     elif check:
-        console.print(f"applied: {done or 'none'}; pending: {[m.version for m in pending] or 'none'}")
+        waiting = [m.version for m in pending] or "none"
+        console.print(f"applied: {done or 'none'}; pending: {waiting}")
     else:
         console.print(f"applied {len(done)} migration(s): {done or 'schema already current'}")
     if check and pending:
@@ -118,10 +189,13 @@ def verify(
     allow_unsigned_tail: bool = typer.Option(
         False, help="do not fail on rows newer than the last signed tree head (live logs)"
     ),
+    workers: int = typer.Option(
+        os.cpu_count() or 1, min=1, help="processes for the per-row checks of large logs"
+    ),
     output: OutputOpt = Output.text,
 ) -> None:
     """Recompute every leaf and signed root; exit 1 and list what is wrong if anything is."""
-    from audit_worker.verify import verify_log  # noqa: PLC0415
+    from audit_worker.verify import verify_log
 
     url = _need_db(database_url)
     try:
@@ -133,7 +207,8 @@ def verify(
         conn = await asyncpg.connect(url)
         try:
             return await verify_log(
-                conn, pem, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail
+                conn, pem, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail,
+                dsn=url, workers=workers,
             )
         finally:
             await conn.close()
@@ -165,10 +240,10 @@ def search_key(
     config: ConfigOpt = None,
 ) -> None:
     """Print the HMAC under which the log stores an identifier, to search by it."""
-    from audit_worker import service  # noqa: PLC0415
-    from audit_worker.crypto import Pseudonymiser  # noqa: PLC0415
-    from audit_worker.db.store import LogStore  # noqa: PLC0415
-    from audit_worker.keyring import build_keys  # noqa: PLC0415
+    from audit_worker import service
+    from audit_worker.crypto import Pseudonymiser
+    from audit_worker.db.store import LogStore
+    from audit_worker.keyring import build_keys
 
     if kind not in ("patient", "actor", "network"):
         raise _fail(f"kind must be patient, actor or network, not {kind!r}")
@@ -189,7 +264,7 @@ def search_key(
 @app.command("public-key")
 def public_key_cmd(config: ConfigOpt = None) -> None:
     """Print the tree-head signer's public key (PEM), for `verify`."""
-    from audit_worker.keyring import build_keys  # noqa: PLC0415
+    from audit_worker.keyring import build_keys
 
     _, signer = build_keys(load_settings(config))
     sys.stdout.write(signer.public_key_pem().decode())
@@ -203,9 +278,9 @@ def prove(
     output: OutputOpt = Output.json,
 ) -> None:
     """Inclusion proof of an event in a signed tree head."""
-    from audit_worker.db.store import LogStore  # noqa: PLC0415
-    from audit_worker.proofs import ProofError, prove_inclusion  # noqa: PLC0415
-    from audit_worker.service import open_pool  # noqa: PLC0415
+    from audit_worker.db.store import LogStore
+    from audit_worker.proofs import ProofError, prove_inclusion
+    from audit_worker.service import open_pool
 
     url = _need_db(database_url)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from audit_worker.errors import ConfigurationError
 
@@ -55,9 +55,31 @@ class WorkerSettings(BaseSettings):
     data_key_rotate_seconds: float = Field(default=3600.0, gt=0)
 
     http_host: str = "0.0.0.0"
-    http_port: int = Field(default=8080, ge=0, le=65535)
+    http_port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (logged)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Production operation (see README "Running the worker in production").
+    archive_bucket: str | None = None  # S3 bucket checked by /healthz/external when set
+    database_pool_size: int = Field(default=6, ge=2, le=64)
+    database_command_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Blue-green: poll interval of an idle worker; whether a worker may create the control
+    # key (naming its own slot, epoch 1) when it does not exist yet.
+    slot_poll_seconds: float = Field(default=0.1, gt=0, le=10)
+    slot_bootstrap: bool = False
+    # Retry with exponential backoff and full jitter; circuit breakers per dependency.
+    retry_initial_seconds: float = Field(default=0.1, gt=0, le=60)
+    retry_max_seconds: float = Field(default=2.0, gt=0, le=300)
+    breaker_failure_threshold: int = Field(default=3, ge=1, le=100)
+    breaker_reset_seconds: float = Field(default=2.0, gt=0, le=300)
+    # Gauges refreshed in the background (stream lag and pending, newest tree head).
+    stats_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Liveness fails when the main loop has not moved for this long (a wedged process).
+    liveness_stall_seconds: float = Field(default=120.0, ge=5, le=3600)
+    # HTTP intake (POST /v1/events): bearer tokens, comma-separated; none = intake off.
+    intake_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    intake_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    intake_max_events: int = Field(default=1000, ge=1, le=10_000)
 
     @field_validator("database_url")
     @classmethod
@@ -72,6 +94,37 @@ class WorkerSettings(BaseSettings):
         if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis:// or rediss:// (the value is not shown)")
         return value
+
+    @field_validator("intake_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("intake_tokens")
+    @classmethod
+    def _strong_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for token in value:
+            secret = token.get_secret_value()
+            if len(secret) < 16 or any(c.isspace() for c in secret):
+                raise ValueError(
+                    "each token needs at least 16 characters and no whitespace "
+                    "(the value is not shown: it is secret)"
+                )
+        return value
+
+    @field_validator("archive_bucket", "kms_data_key_id", "kms_signing_key_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # The Helm chart always sets these variables, empty when not used.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> WorkerSettings:
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds must be >= retry_initial_seconds")
+        return self
 
     @model_validator(mode="after")
     def _kms_needs_key_ids(self) -> WorkerSettings:

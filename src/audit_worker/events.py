@@ -172,7 +172,9 @@ def parse_event(
     """Validate one event. Returns a rejection instead of raising: bad input is data."""
     if len(raw) > MAX_EVENT_BYTES:
         return Rejection(
-            "(event)", f"bytes(len={len(raw)})", "too_large",
+            "(event)",
+            f"bytes(len={len(raw)})",
+            "too_large",
             f"event is {len(raw)} bytes, the limit is {MAX_EVENT_BYTES}",
         )
     try:
@@ -182,7 +184,9 @@ def parse_event(
     limit = (now or datetime.now(UTC)) + timedelta(seconds=max_future_skew)
     if event.occurred > limit:
         return Rejection(
-            "occurred", "datetime", "not_in_future",
+            "occurred",
+            "datetime",
+            "not_in_future",
             f"occurred: {_RULE_MESSAGES['not_in_future']} ({max_future_skew:.0f} s)",
         )
     return event

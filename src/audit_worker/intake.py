@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -29,7 +30,9 @@ class StreamEntry:
         return int(self.entry_id.split("-", 1)[0])
 
 
-def _entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None, deliveries: int) -> StreamEntry:
+def _entry(
+    entry_id: bytes | str, fields: dict[bytes, bytes] | None, deliveries: int
+) -> StreamEntry:
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return StreamEntry(eid, (fields or {}).get(EVENT_FIELD), deliveries)
 
@@ -69,7 +72,7 @@ class StreamIntake:
     async def _deliveries(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}
-        rows = await self.redis.xpending_range(
+        rows: Any = await self.redis.xpending_range(
             self.stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2 + 10,
         )
         return {
@@ -79,7 +82,7 @@ class StreamIntake:
         }
 
     async def _read_own_backlog(self, count: int) -> list[StreamEntry]:
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: "0"}, count=count
         )
         raw = reply[0][1] if reply else []
@@ -90,7 +93,7 @@ class StreamIntake:
         return [_entry(i, f, counts.get(_entry(i, f, 0).entry_id, 1)) for i, f in raw]
 
     async def _claim_idle(self, count: int) -> list[StreamEntry]:
-        reply = await self.redis.xautoclaim(
+        reply: Any = await self.redis.xautoclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
             start_id="0-0", count=count,
         )
@@ -113,7 +116,7 @@ class StreamIntake:
             entries = await self._claim_idle(count)
             if entries:
                 return entries
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
         )
         if not reply:

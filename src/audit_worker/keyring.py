@@ -16,8 +16,8 @@ from audit_worker.crypto import (
 
 
 def kms_client(settings: WorkerSettings) -> Any:
-    import boto3  # noqa: PLC0415 - boto3 is slow to import and only needed with KMS
-    from botocore.config import Config  # noqa: PLC0415
+    import boto3
+    from botocore.config import Config
 
     return boto3.client(
         "kms",
@@ -27,7 +27,9 @@ def kms_client(settings: WorkerSettings) -> Any:
     )
 
 
-def build_keys(settings: WorkerSettings, *, create: bool = False) -> tuple[KeyWrapper, TreeHeadSigner]:
+def build_keys(
+    settings: WorkerSettings, *, create: bool = False
+) -> tuple[KeyWrapper, TreeHeadSigner]:
     """The data-key wrapper and signer. `create` makes missing local key files (dev only)."""
     if settings.key_backend == "kms":
         client = kms_client(settings)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
 from audit_worker.crypto import DataKey, FieldCipher, Pseudonymiser
 from audit_worker.events import AuditEvent
 from audit_worker.merkle import hash_leaf

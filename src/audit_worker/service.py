@@ -1,35 +1,109 @@
-"""Assemble a worker from settings and run it until told to stop."""
+"""Assemble a worker from settings and run it until told to stop.
+
+`run` (and the `Service` behind it) is the worker process: the consumer loop, the tree-head
+signer, background gauges, and, for `audit-worker run`, the HTTP server (health, metrics,
+intake). How it behaves under failure:
+
+* PostgreSQL down: the batch in hand is retried in memory (backoff with jitter, circuit
+  breaker) without being re-read, so its delivery count does not grow; entries stay
+  pending in the stream and are stored once PostgreSQL returns. Nothing new is read.
+* Redis down: reads and acknowledgements are retried the same way; the Redis client
+  reconnects by itself. A batch already committed is acknowledged once Redis is back
+  (never committed twice: the sequencer skips event ids already in the log).
+* KMS down: the failing call (data-key rotation, tree-head signing) is retried; events
+  keep being stored with the current data key until it must rotate.
+* Tamper, sequence or signature failure: the writer stops for good (no more reads, no more
+  tree heads), ``audit_integrity_failures_total`` counts it, a critical log line says what
+  failed, readiness turns false; the process stays up for the operator until stopped,
+  then exits non-zero.
+* SIGTERM: the batch in hand is finished and acknowledged, a final tree head is signed,
+  and the process exits within ``shutdown_grace_seconds``.
+* Blue-green: with ``slot`` set, the worker consumes only while the control key names
+  its slot (see `audit_worker.slots`), re-checked before every batch.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import random
 import signal
-from collections.abc import AsyncIterator, Callable
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
+import structlog
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from audit_worker.config import WorkerSettings
-from audit_worker.crypto import DataKeyManager, FieldCipher, KeyWrapper, Pseudonymiser
+from audit_worker.crypto import (
+    DataKeyManager,
+    FieldCipher,
+    KeyUnavailableError,
+    KeyWrapper,
+    Pseudonymiser,
+    SignatureError,
+)
 from audit_worker.db.migrate import require_current
 from audit_worker.db.store import LogStore
+from audit_worker.errors import DependencyError, IntegrityError, MigrationError
+from audit_worker.health import HealthChecks, ServiceStatus
 from audit_worker.intake import StreamIntake
 from audit_worker.keyring import build_keys
+from audit_worker.metrics import Metrics
 from audit_worker.records import RecordBuilder
-from audit_worker.worker import BatchResult, Worker
+from audit_worker.resilience import (
+    DEPENDENCIES,
+    BreakerOpen,
+    CircuitBreaker,
+    Dependency,
+    acquire,
+    call_with_retry,
+    classify,
+    describe_error,
+    sleep_or_stop,
+)
+from audit_worker.slots import UNGATED, SlotDecision, SlotGate
+from audit_worker.worker import BatchResult, CommittedBatch, Worker
 
-log = logging.getLogger("audit_worker")
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = structlog.stdlib.get_logger("audit_worker")
 HMAC_PURPOSE = "hmac"
+INTEGRITY_FAILURES = (IntegrityError, SignatureError)
+PROGRESS_LOG_SECONDS = 10.0
+T = TypeVar("T")
 
 
-async def open_pool(database_url: str, *, size: int = 4) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=size)
+async def open_pool(
+    database_url: str, *, size: int = 4, command_timeout: float | None = None
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=size, command_timeout=command_timeout
+    )
     assert pool is not None
     return pool
+
+
+def redis_client(url: str, *, socket_timeout: float = 5.0) -> Redis:
+    """A Redis client that fails fast (one quick internal retry): the worker's own retry
+    with backoff and its circuit breaker decide what happens next."""
+    return Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=2.0,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+        health_check_interval=30,
+    )
 
 
 async def load_hmac_key(store: LogStore, wrapper: KeyWrapper) -> bytes:
@@ -50,13 +124,22 @@ class Assembly:
 
 
 @contextlib.asynccontextmanager
-async def assemble(settings: WorkerSettings, *, create_keys: bool = False) -> AsyncIterator[Assembly]:
+async def assemble(
+    settings: WorkerSettings, *, create_keys: bool = False
+) -> AsyncIterator[Assembly]:
     """Connect, check the schema, load keys and the log's compact range."""
-    pool = await open_pool(settings.database_url.get_secret_value())
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=False)
+    pool = await open_pool(
+        settings.database_url.get_secret_value(),
+        size=settings.database_pool_size,
+        command_timeout=settings.database_command_timeout_seconds,
+    )
+    # The socket timeout must outlast a blocking XREADGROUP.
+    redis = redis_client(
+        settings.redis_url.get_secret_value(), socket_timeout=settings.block_ms / 1000 + 5
+    )
     try:
         async with pool.acquire() as conn:
-            await require_current(conn)
+            await require_current(cast(asyncpg.Connection, conn))
             await conn.execute("SELECT audit.ensure_partitions(2)")
         store = LogStore(pool, settings.log_id)
         wrapper, signer = build_keys(settings, create=create_keys)
@@ -90,14 +173,466 @@ async def assemble(settings: WorkerSettings, *, create_keys: bool = False) -> As
         await pool.close()
 
 
-async def _sign_periodically(worker: Worker, interval: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+class Service:
+    """One worker process: consumer loop, signer, gauges and (optionally) HTTP.
+
+    Tests build one directly to reach `app`, `metrics`, `status` and `health`; the CLI
+    runs one with ``serve_http=True``.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        create_keys: bool = False,
+        on_batch: Callable[[BatchResult], None] | None = None,
+        serve_http: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.create_keys = create_keys
+        self.on_batch = on_batch
+        self.serve_http = serve_http
+        self.metrics = metrics or Metrics()
+        self.metrics.set_info(slot=settings.slot, log_id=settings.log_id)
+        self.status = ServiceStatus(slot=settings.slot)
+        self.breakers: dict[Dependency, CircuitBreaker] = {
+            name: CircuitBreaker(
+                name,
+                failure_threshold=settings.breaker_failure_threshold,
+                reset_seconds=settings.breaker_reset_seconds,
+                on_change=self._breaker_changed,
+            )
+            for name in DEPENDENCIES
+        }
+        self.redis = redis_client(settings.redis_url.get_secret_value())
+        self.gate = (
+            SlotGate(settings.slot, settings.control_key, bootstrap=settings.slot_bootstrap)
+            if settings.slot is not None
+            else None
+        )
+        self.parts: Assembly | None = None
+        self.health = HealthChecks(
+            settings, self.status, self.breakers, self.redis,
+            lambda: self.parts.pool if self.parts is not None else None,
+        )
+        self.http_port: int | None = None
+        self.stop_event = asyncio.Event()
+        self._integrity_exc: BaseException | None = None
+        self._app: FastAPI | None = None
+        self._stats_intake = StreamIntake(
+            self.redis, stream=settings.stream, group=settings.consumer_group,
+            consumer=settings.consumer_name, dead_letter_stream=settings.dead_letter_stream,
+        )
+        self._progress = {"stored": 0, "dead_lettered": 0, "duplicates": 0}
+        self._progress_at = time.monotonic()
+
+    @property
+    def app(self) -> FastAPI:
+        if self._app is None:
+            from audit_worker.http.app import create_app
+
+            self._app = create_app(self)
+        return self._app
+
+    @property
+    def worker(self) -> Worker | None:
+        return self.parts.worker if self.parts is not None else None
+
+    # ------------------------------------------------------------------ callbacks
+    def _breaker_changed(self, name: str, state: Any) -> None:
+        self.metrics.set_breaker(name, state)
+        log.warning("circuit breaker changed", dependency=name, state=state.name.lower())
+
+    def _on_retry(self, dependency: Dependency, exc: BaseException, wait: float) -> None:
+        self.status.beat()
+        self.metrics.retries.labels(dependency).inc()
+        log.warning(
+            "dependency call failed, retrying", dependency=dependency,
+            error=describe_error(exc), retry_in_s=round(wait, 2),
+        )
+
+    def _halt(self, exc: BaseException) -> None:
+        """Stop the writer for good and raise the alarm."""
+        if self.status.integrity_failure is not None:
+            return
+        # SequenceError and SignatureError messages name indices, sizes and key references.
+        message = f"{type(exc).__name__}: {exc}"
+        self._integrity_exc = exc
+        self.status.integrity_failure = message
+        self.status.phase = "halted"
+        self.metrics.integrity_failures.inc()
+        log.critical(
+            "integrity failure: the writer is stopped; run `audit-worker verify` and "
+            "investigate before restarting", error=message, alert="audit_integrity_failure",
+        )
+
+    def _note_decision(self, decision: SlotDecision) -> None:
+        before = self.status.decision
+        self.status.decision = decision
+        self.metrics.slot_active.set(1 if decision.active else 0)
+        self.metrics.slot_epoch.set(decision.highest_epoch)
+        if before is None or before.active != decision.active or before.reason != decision.reason:
+            (log.info if decision.reason in ("active", "standby", "ungated") else log.warning)(
+                "slot state", slot=self.settings.slot, active=decision.active,
+                state=decision.reason, epoch=decision.value.epoch if decision.value else None,
+                detail=decision.describe(),
+            )
+
+    # ------------------------------------------------------------------ run
+    async def run(
+        self, stop: asyncio.Event | None = None, *, install_signal_handlers: bool = True
+    ) -> Worker:
+        """Run until `stop` is set (or SIGTERM/SIGINT); return the worker."""
+        stop = stop or self.stop_event
+        self.stop_event = stop
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._signalled, sig, stop)
+        http = await self._start_http() if self.serve_http else None
+        stats = asyncio.create_task(self._stats_loop(stop), name="audit-stats")
+        worker: Worker | None = None
         try:
-            await worker.sign_tree_head()
-        except Exception:  # the next tick retries; the failure is logged, never the data
-            log.exception("signing the tree head failed")
+            async with contextlib.AsyncExitStack() as stack:
+                self.parts = await self._assemble(stack, stop)
+                if self.parts is not None:
+                    worker = self.parts.worker
+                    await self._serve(worker, stop)
+        finally:
+            self.parts = None
+            self.status.phase = "stopped"
+            stop.set()
+            stats.cancel()
+            await asyncio.gather(stats, return_exceptions=True)
+            if http is not None:
+                await self._stop_http(*http)
+            await self.redis.aclose()
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        if self._integrity_exc is not None:
+            raise self._integrity_exc
+        if worker is None:
+            raise DependencyError(
+                "stopped before the worker could start: "
+                + (self.status.startup_problem or "no reason recorded")
+            )
+        log.info("worker stopped", tree_size=worker.frontier.size, **vars(worker.stats))
+        return worker
+
+    def _signalled(self, sig: signal.Signals, stop: asyncio.Event) -> None:
+        log.info("signal received: finishing the batch in hand", signal=sig.name)
+        stop.set()
+
+    async def _assemble(
+        self, stack: contextlib.AsyncExitStack, stop: asyncio.Event
+    ) -> Assembly | None:
+        """Connect to everything, waiting (with backoff) for dependencies that are down
+        and for a schema that is not migrated yet. None when stopped first."""
+        s = self.settings
+        attempt = 0
+        while not stop.is_set():
+            self.status.beat()
+            try:
+                parts = await stack.enter_async_context(
+                    assemble(s, create_keys=self.create_keys)
+                )
+            except MigrationError as exc:
+                problem = f"schema: {exc}"
+            except KeyUnavailableError as exc:
+                if s.key_backend == "local":
+                    raise  # a missing local key file does not come back by waiting
+                problem = f"key service: {describe_error(exc)}"
+                self.breakers["kms"].record_failure(describe_error(exc))
+            except Exception as exc:
+                dependency = classify(exc, "postgres")
+                if dependency is None:
+                    raise
+                problem = f"{dependency}: {describe_error(exc)}"
+                self.breakers[dependency].record_failure(describe_error(exc))
+            else:
+                self.status.startup_problem = None
+                for breaker in self.breakers.values():
+                    if breaker.state.name != "CLOSED":
+                        breaker.record_success()
+                log.info(
+                    "worker started", slot=s.slot, consumer=s.consumer_name,
+                    tree_size=parts.worker.frontier.size, http_port=self.http_port,
+                )
+                self.metrics.note_tree_size(parts.worker.frontier.size)
+                return parts
+            self.status.startup_problem = problem
+            wait = random.uniform(0, min(s.retry_max_seconds, s.retry_initial_seconds * 2**attempt))
+            attempt += 1
+            log.warning("waiting for dependencies", problem=problem, retry_in_s=round(wait, 2))
+            await sleep_or_stop(stop, max(wait, 0.05))
+        return None
+
+    async def _serve(self, worker: Worker, stop: asyncio.Event) -> None:
+        """Consume and sign until `stop`, then shut down within the grace period."""
+        s = self.settings
+        self.status.phase = "running" if self._integrity_exc is None else "halted"
+        consumer = asyncio.create_task(self._consume(worker, stop), name="audit-consumer")
+        signer = asyncio.create_task(self._sign_loop(worker, stop), name="audit-signer")
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({consumer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        deadline = time.monotonic() + s.shutdown_grace_seconds
+        if self.status.phase != "halted":
+            self.status.phase = "stopping"
+        # Finish the batch in hand, leaving a little time for the final tree head.
+        reserve = min(5.0, s.shutdown_grace_seconds * 0.25)
+        for task, what in ((consumer, "batch in hand"), (signer, "tree-head signer")):
+            left = deadline - reserve - time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=max(0.05, left))
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                log.warning(f"{what} abandoned at the grace deadline: its entries stay pending")
+        if consumer.done() and not consumer.cancelled() and consumer.exception() is not None:
+            raise consumer.exception()  # type: ignore[misc]  # a bug: surface it
+        if self._integrity_exc is None:
+            left = deadline - time.monotonic()
+            try:
+                head = await asyncio.wait_for(worker.sign_tree_head(), timeout=max(0.05, left))
+            except INTEGRITY_FAILURES as exc:
+                self._halt(exc)
+            except Exception as exc:
+                log.warning("final tree head not signed", error=describe_error(exc))
+            else:
+                if head is not None:
+                    self._signed(head.tree_size, head.timestamp_ms, head.root_hash)
+
+    # ------------------------------------------------------------------ consumer
+    async def _retry(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        uses: tuple[Dependency, ...],
+        interrupt: asyncio.Event | None,
+    ) -> T:
+        return await call_with_retry(
+            fn, breakers=self.breakers, uses=uses,
+            initial=self.settings.retry_initial_seconds, maximum=self.settings.retry_max_seconds,
+            interrupt=interrupt, on_retry=self._on_retry,
+        )
+
+    async def _check_slot(self, stop: asyncio.Event) -> SlotDecision | None:
+        gate = self.gate
+        if gate is None:
+            decision = UNGATED
+        else:
+            try:
+                decision = await self._retry(lambda: gate.check(self.redis), ("redis",), stop)
+            except Exception:
+                if stop.is_set():
+                    return None
+                raise
+        self._note_decision(decision)
+        return decision
+
+    async def _consume(self, worker: Worker, stop: asyncio.Event) -> None:
+        s = self.settings
+        intake = worker.intake
+
+        async def read() -> list[Any]:
+            try:
+                return await intake.read_batch(s.batch_size, s.block_ms)
+            except BaseException:
+                # The reply may have been lost after Redis delivered entries to us: read
+                # our own pending entries first next time.
+                intake.replay_own_backlog()
+                raise
+
+        while not stop.is_set():
+            self.status.beat()
+            if self._integrity_exc is not None:
+                await stop.wait()
+                return
+            decision = await self._check_slot(stop)
+            if decision is None:
+                return
+            if not decision.active:
+                await sleep_or_stop(stop, s.slot_poll_seconds)
+                continue
+            try:
+                entries = await self._retry(read, ("redis",), stop)
+            except Exception:
+                if stop.is_set():
+                    return
+                raise
+            if not entries:
+                continue
+            await self._process(worker, entries)
+
+    async def _process(self, worker: Worker, entries: list[Any]) -> None:
+        """Commit and acknowledge one batch, retrying until it is done (the grace
+        deadline on shutdown cancels it; its entries then stay pending)."""
+        self.metrics.events_received.inc(len(entries))
+        started = time.perf_counter()
+        try:
+            committed: CommittedBatch = await self._retry(
+                lambda: worker.commit(entries), ("postgres",), None
+            )
+        except INTEGRITY_FAILURES as exc:
+            self._halt(exc)
+            return
+        seconds = time.perf_counter() - started
+        result = committed.result
+        self.metrics.observe_batch(result, result.dead_letter_rules, seconds)
+        self.metrics.note_tree_size(worker.frontier.size)
+        self._log_batch(result, committed, seconds)
+        await self._retry(lambda: worker.acknowledge(committed), ("redis",), None)
+        self.status.batches += 1
+        self.status.last_batch_at = time.time()
+        if self.on_batch is not None and result.read:
+            self.on_batch(result)
+
+    def _log_batch(self, result: BatchResult, batch: CommittedBatch, seconds: float) -> None:
+        if logging.getLogger("audit_worker").isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch committed", read=result.read, stored=result.stored,
+                first_index=result.first_index,
+                last_index=result.stored_events[-1][1] if result.stored_events else None,
+                duplicates=result.duplicates, dead_lettered=result.dead_lettered,
+                seconds=round(seconds, 4),
+            )
+            for event_id, index in result.stored_events:
+                log.debug("event stored", event_id=str(event_id), log_index=index)
+        for entry_id, field, rule, value_class in batch.dead_letters:
+            log.warning(
+                "event dead-lettered", stream_entry_id=entry_id, field=field, rule=rule,
+                value_class=value_class,
+            )
+        if result.duplicate_ids:
+            log.info(
+                "replayed events skipped (already in the log)",
+                event_ids=[str(i) for i in result.duplicate_ids[:50]],
+                count=len(result.duplicate_ids),
+            )
+        progress = self._progress
+        progress["stored"] += result.stored
+        progress["dead_lettered"] += result.dead_lettered
+        progress["duplicates"] += result.duplicates
+        now = time.monotonic()
+        if now - self._progress_at >= PROGRESS_LOG_SECONDS:
+            log.info(
+                "progress", seconds=round(now - self._progress_at, 1),
+                tree_size=self.worker.frontier.size if self.worker else None, **progress,
+            )
+            self._progress = {"stored": 0, "dead_lettered": 0, "duplicates": 0}
+            self._progress_at = now
+
+    # ------------------------------------------------------------------ signer
+    def _signed(self, tree_size: int, timestamp_ms: int, root: bytes) -> None:
+        self.metrics.tree_heads_signed.inc()
+        self.metrics.note_tree_head(tree_size, timestamp_ms)
+        log.info("tree head signed", tree_size=tree_size, root_hash=root.hex())
+
+    async def _sign_once(self, worker: Worker) -> None:
+        mine = [self.breakers["postgres"], self.breakers["kms"]]
+        try:
+            acquire(mine)
+        except BreakerOpen:
+            return
+        try:
+            head = await worker.sign_tree_head()
+        except INTEGRITY_FAILURES as exc:
+            for breaker in mine:
+                breaker.release()
+            self._halt(exc)
+            return
+        except Exception as exc:
+            failing = classify(exc, "postgres")
+            for breaker in mine:
+                if breaker.name == failing:
+                    breaker.record_failure(describe_error(exc))
+                else:
+                    breaker.release()
+            if failing is None:
+                log.exception("signing the tree head failed")
+            else:
+                self.metrics.retries.labels(failing).inc()
+                log.warning(
+                    "signing the tree head failed; next interval retries",
+                    dependency=failing, error=describe_error(exc),
+                )
+            return
+        if head is None:  # nothing new to sign: no evidence either way
+            for breaker in mine:
+                breaker.release()
+            return
+        for breaker in mine:
+            breaker.record_success()
+        self._signed(head.tree_size, head.timestamp_ms, head.root_hash)
+
+    async def _sign_loop(self, worker: Worker, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await sleep_or_stop(stop, self.settings.sign_interval_seconds)
+            if stop.is_set() or self._integrity_exc is not None:
+                return
+            await self._sign_once(worker)
+
+    # ------------------------------------------------------------------ gauges
+    async def refresh_stats(self) -> None:
+        """Stream lag and pending, newest signed tree head; failures leave old values."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            lag, pending = await asyncio.wait_for(self._stats_intake.backlog(), timeout=2)
+            if lag >= 0:
+                self.metrics.stream_lag.set(lag)
+            self.metrics.stream_pending.set(pending)
+        parts = self.parts
+        if parts is None:
+            return
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                                 TimeoutError):
+            async with parts.pool.acquire(timeout=2) as conn:
+                row = await conn.fetchrow(
+                    "SELECT tree_size, timestamp_ms FROM audit.tree_heads"
+                    " ORDER BY tree_size DESC LIMIT 1", timeout=2,
+                )
+            if row is not None:
+                self.metrics.note_tree_head(row["tree_size"], row["timestamp_ms"])
+
+    async def _stats_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.refresh_stats()
+            await sleep_or_stop(stop, self.settings.stats_interval_seconds)
+
+    # ------------------------------------------------------------------ HTTP
+    async def _start_http(self) -> tuple[Any, asyncio.Task[None]]:
+        from audit_worker.http.server import QuietServer, make_config
+
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.http_host, s.http_port))
+        except OSError as exc:
+            sock.close()
+            raise DependencyError(
+                f"cannot listen on {s.http_host}:{s.http_port} ({exc.strerror}): "
+                "set AUDIT_HTTP_PORT to a free port (0 picks one)"
+            ) from None
+        self.http_port = sock.getsockname()[1]
+        server = QuietServer(make_config(self.app))
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="audit-http")
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        log.info("http listening", host=s.http_host, port=self.http_port)
+        return server, task
+
+    async def _stop_http(self, server: Any, task: asyncio.Task[None]) -> None:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, timeout=3)
+        except (TimeoutError, Exception):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def run(
@@ -107,37 +642,14 @@ async def run(
     create_keys: bool = False,
     install_signal_handlers: bool = True,
     on_batch: Callable[[BatchResult], None] | None = None,
+    serve_http: bool = False,
+    metrics: Metrics | None = None,
 ) -> Worker:
     """Consume until `stop` is set or SIGTERM arrives; then finish the batch in hand,
-    acknowledge it and sign a final tree head."""
-    stop = stop or asyncio.Event()
-    if install_signal_handlers:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    async with assemble(settings, create_keys=create_keys) as parts:
-        worker = parts.worker
-        signer = asyncio.create_task(
-            _sign_periodically(worker, settings.sign_interval_seconds, stop)
-        )
-        backoff = 0.1
-        try:
-            while not stop.is_set():
-                try:
-                    entries = await worker.intake.read_batch(settings.batch_size, settings.block_ms)
-                    result = await worker.process(entries)
-                    if on_batch is not None and result.read:
-                        on_batch(result)
-                    backoff = 0.1
-                except (OSError, asyncpg.PostgresError, RedisError) as exc:
-                    # Entries stay pending; re-read them once the dependency is back.
-                    log.warning("batch failed, retrying in %.1fs: %s", backoff, type(exc).__name__)
-                    worker.intake.replay_own_backlog()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=backoff)
-                    backoff = min(backoff * 2, 5.0)
-        finally:
-            stop.set()
-            await signer
-            await asyncio.wait_for(worker.sign_tree_head(), settings.shutdown_grace_seconds)
-    return worker
+    acknowledge it and sign a final tree head. With `serve_http`, also serve health,
+    metrics and intake on ``settings.http_host:http_port``."""
+    service = Service(
+        settings, create_keys=create_keys, on_batch=on_batch, serve_http=serve_http,
+        metrics=metrics,
+    )
+    return await service.run(stop, install_signal_handlers=install_signal_handlers)

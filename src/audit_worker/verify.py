@@ -7,15 +7,18 @@ report names each problem with its index or tree size, so an auditor can go to t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import asyncpg
 
 from audit_worker.crypto import SignatureError, TreeHead, verify_tree_head
-from audit_worker.merkle import CompactRange, hash_leaf
-from audit_worker.records import parse_leaf
+from audit_worker.merkle import CompactRange, hash_children, hash_leaf
 
 FindingKind = Literal[
     "bad_signature",
@@ -28,21 +31,38 @@ FindingKind = Literal[
     "root_mismatch",
     "truncated_tail",
     "unsigned_tail",
-    "unparseable_row",
 ]
 
 _PAGE = 20_000
-# The server renders the indexed columns in the leaf's own text forms, on its own core,
-# so the comparison here is string equality.
-_ISO_MS = """'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"""
-_SELECT_ROWS = (
-    "SELECT log_index, recorded, leaf_data, leaf_hash, event_id::text AS event_id,"
-    f" to_char(recorded AT TIME ZONE 'UTC', {_ISO_MS}) AS recorded_iso,"
-    f" to_char(occurred AT TIME ZONE 'UTC', {_ISO_MS}) AS occurred_iso,"
-    " action, outcome, encode(patient_hmac, 'hex') AS patient_hex,"
-    " encode(actor_hmac, 'hex') AS actor_hex FROM audit.events"
-)
 _MAX_FINDINGS_PER_KIND = 50  # a wholesale rewrite should not produce a million-line report
+_YIELD_EVERY = 2_000
+_CHUNK = 1 << 16  # rows per chunk; a power of two (see _chunks)
+# The server renders each indexed column as the exact fragment it must appear as in the
+# canonical leaf (``,"key":value,``), on its own core; checking a column is then a substring
+# test instead of a JSON parse. In canonical JSON a raw quote or newline cannot occur inside a
+# value and no nested object reuses these keys, so a fragment can only match its own key.
+_ISO_MS = """'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"""
+_CHECKED = (
+    ("event_id", "'\"' || event_id::text || '\"'"),
+    ("action", "'\"' || action::text || '\"'"),
+    ("outcome", "outcome::text"),
+    ("patient_hmac", "coalesce('\"' || encode(patient_hmac, 'hex') || '\"', 'null')"),
+    ("actor_hmac", "'\"' || encode(actor_hmac, 'hex') || '\"'"),
+    ("occurred", f"'\"' || to_char(occurred AT TIME ZONE 'UTC', {_ISO_MS}) || '\"'"),
+    ("recorded", f"'\"' || to_char(recorded AT TIME ZONE 'UTC', {_ISO_MS}) || '\"'"),
+)
+_SELECT_ROWS = (
+    "SELECT log_index, recorded, leaf_data, leaf_hash, convert_to(concat_ws(E'\\n', "
+    + ", ".join(f"',\"{key}\":' || {expr} || ','" for key, expr in _CHECKED)
+    + "), 'UTF8') AS fragments FROM audit.events"
+)
+
+
+def _column_problems(fragments: bytes, leaf_data: bytes) -> list[str]:
+    parts = fragments.split(b"\n")
+    if len(parts) != len(_CHECKED):
+        return [key for key, _ in _CHECKED]
+    return [key for (key, _), part in zip(_CHECKED, parts, strict=True) if part not in leaf_data]
 
 
 @dataclass(frozen=True)
@@ -99,22 +119,6 @@ class _Collector:
             self.report.suppressed[finding.kind] = n - _MAX_FINDINGS_PER_KIND
 
 
-# (column in the SELECT above, key in the leaf, name reported)
-_CHECKED_COLUMNS = (
-    ("event_id", "event_id", "event_id"),
-    ("action", "action", "action"),
-    ("outcome", "outcome", "outcome"),
-    ("patient_hex", "patient_hmac", "patient_hmac"),
-    ("actor_hex", "actor_hmac", "actor_hmac"),
-    ("occurred_iso", "occurred", "occurred"),
-    ("recorded_iso", "recorded", "recorded"),
-)
-
-
-def _column_problems(row: asyncpg.Record, leaf: dict[str, Any]) -> list[str]:
-    return [name for column, key, name in _CHECKED_COLUMNS if leaf.get(key) != row[column]]
-
-
 async def _verified_heads(
     conn: asyncpg.Connection, public_key_pem: bytes, log_id: str | None, out: _Collector
 ) -> dict[int, bytes]:
@@ -127,25 +131,296 @@ async def _verified_heads(
     for r in rows:
         size = r["tree_size"]
         if log_id is not None and r["log_id"] != log_id:
-            out.add(Finding(
-                "wrong_log_id", f"tree head at size {size} is for log {r['log_id']!r}, "
-                f"want {log_id!r}", tree_size=size,
-            ))
+            out.add(
+                Finding(
+                    "wrong_log_id",
+                    f"tree head at size {size} is for log {r['log_id']!r}, want {log_id!r}",
+                    tree_size=size,
+                )
+            )
             continue
         try:
             head = TreeHead(r["log_id"], size, bytes(r["root_hash"]), r["timestamp_ms"])
             verify_tree_head(public_key_pem, head, bytes(r["signature"]))
         except (SignatureError, ValueError):
-            out.add(Finding(
-                "bad_signature",
-                f"tree head at size {size}: signature does not verify with the given public "
-                "key (forged or re-signed head)",
-                tree_size=size,
-            ))
+            out.add(
+                Finding(
+                    "bad_signature",
+                    f"tree head at size {size}: signature does not verify with the given public "
+                    "key (forged or re-signed head)",
+                    tree_size=size,
+                )
+            )
             continue
         roots[size] = head.root_hash
     out.report.valid_tree_heads = len(roots)
     return roots
+
+
+async def _pages(
+    conn: asyncpg.Connection,
+    queue: asyncio.Queue[list[asyncpg.Record] | BaseException | None],
+    lo: int,
+    hi: int,
+) -> None:
+    """Fetch keyset pages of [lo, hi) ahead of the checker, so the server renders the next
+    page while this process hashes the current one. Duplicate indices still come through.
+    A failure is handed to the consumer rather than leaving it waiting."""
+    try:
+        rows = await conn.fetch(
+            f"{_SELECT_ROWS} WHERE log_index >= $2 AND log_index < $3"
+            " ORDER BY log_index, recorded LIMIT $1",
+            _PAGE,
+            lo,
+            hi,
+        )
+        while rows:
+            await queue.put(rows)
+            rows = await conn.fetch(
+                f"{_SELECT_ROWS} WHERE log_index < $3 AND (log_index, recorded) > ($2, $4)"
+                " ORDER BY log_index, recorded LIMIT $1",
+                _PAGE,
+                rows[-1]["log_index"],
+                hi,
+                rows[-1]["recorded"],
+            )
+        await queue.put(None)
+    except BaseException as exc:
+        await queue.put(exc)
+        raise
+
+
+@dataclass
+class _Chunk:
+    """The result of checking the index range [lo, hi): content findings, where the range
+    stops being a gapless run (if it does), and the subtree hashes the tree needs."""
+
+    lo: int
+    hi: int
+    rows: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    broken_at: int | None = None
+    # compact range of [lo, s) for every signed size s in (lo, hi]: with the subtrees left of
+    # lo (aligned chunks), it gives the root at s
+    partials: dict[int, list[bytes]] = field(default_factory=dict)
+    root: bytes | None = None  # the perfect subtree of a complete, gapless chunk
+
+
+def _check_row(row: asyncpg.Record, findings: list[Finding]) -> bytes:
+    """Checks that need no other row; returns the recomputed leaf hash."""
+    index = row["log_index"]
+    leaf_data = row["leaf_data"]
+    leaf_hash = hash_leaf(leaf_data)
+    if leaf_hash != row["leaf_hash"]:
+        findings.append(
+            Finding(
+                "changed_row",
+                f"row {index}: its data no longer hashes to the leaf hash written with it",
+                index=index,
+            )
+        )
+    if not leaf_data.startswith(b'{"log_index":%d,' % index):
+        claimed = leaf_data[:40].split(b",")[0].decode(errors="replace")
+        findings.append(
+            Finding(
+                "reordered_row",
+                f"row stored at index {index} was written for another index ({claimed})",
+                index=index,
+            )
+        )
+        return leaf_hash
+    fragments = row["fragments"]
+    if not all(part in leaf_data for part in fragments.split(b"\n")):
+        findings.append(
+            Finding(
+                "column_mismatch",
+                f"row {index}: column(s) {', '.join(_column_problems(fragments, leaf_data))} "
+                "differ from the logged leaf (searches would return wrong rows)",
+                index=index,
+            )
+        )
+    return leaf_hash
+
+
+class _ChunkChecker:
+    def __init__(self, lo: int, hi: int, signed_sizes: list[int]) -> None:
+        self.chunk = _Chunk(lo, hi)
+        self.expected = lo
+        self.range = CompactRange()
+        self.wanted = set(signed_sizes)
+
+    def feed(self, rows: list[asyncpg.Record]) -> None:
+        chunk, findings = self.chunk, self.chunk.findings
+        append, wanted = self.range.append, self.wanted
+        chunk.rows += len(rows)
+        for row in rows:
+            index = row["log_index"]
+            if index != self.expected:
+                if index < self.expected:
+                    findings.append(
+                        Finding(
+                            "duplicate_index", f"a second row claims index {index}", index=index
+                        )
+                    )
+                    continue
+                self._gap(index)
+            self.expected = index + 1
+            leaf_hash = _check_row(row, findings)
+            if chunk.broken_at is None:
+                append(leaf_hash)
+                if index + 1 in wanted:
+                    chunk.partials[index + 1] = self.range.hashes
+
+    def _gap(self, index: int) -> None:
+        missing = index - self.expected
+        self.chunk.findings.append(
+            Finding(
+                "deleted_row",
+                f"{missing} row(s) missing at index {self.expected}"
+                + (f"..{index - 1}" if missing > 1 else ""),
+                index=self.expected,
+            )
+        )
+        if self.chunk.broken_at is None:
+            self.chunk.broken_at = self.expected
+
+    def finish(self) -> _Chunk:
+        chunk = self.chunk
+        if self.expected < chunk.hi:
+            self._gap(chunk.hi)
+        if chunk.broken_at is None and self.range.size == chunk.hi - chunk.lo:
+            chunk.root = self.range.root()
+        return chunk
+
+
+async def _check_chunk(
+    conn: asyncpg.Connection, lo: int, hi: int, signed_sizes: list[int]
+) -> _Chunk:
+    checker = _ChunkChecker(lo, hi, signed_sizes)
+    queue: asyncio.Queue[list[asyncpg.Record] | BaseException | None] = asyncio.Queue(2)
+    reader = asyncio.create_task(_pages(conn, queue, lo, hi))
+    try:
+        while (rows := await queue.get()) is not None:
+            if isinstance(rows, BaseException):
+                raise rows
+            for start in range(0, len(rows), _YIELD_EVERY):
+                checker.feed(rows[start : start + _YIELD_EVERY])
+                await asyncio.sleep(0)  # let the reader take in the next page
+        await reader
+    finally:
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+    return checker.finish()
+
+
+async def _check_chunk_in_snapshot(
+    dsn: str, snapshot: str, lo: int, hi: int, signed_sizes: list[int]
+) -> _Chunk:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            return await _check_chunk(conn, lo, hi, signed_sizes)
+    finally:
+        await conn.close()
+
+
+def _check_chunk_process(
+    dsn: str, snapshot: str, lo: int, hi: int, signed_sizes: list[int]
+) -> _Chunk:
+    """Entry point of a worker process: one index range, in the coordinator's snapshot."""
+    return asyncio.run(_check_chunk_in_snapshot(dsn, snapshot, lo, hi, signed_sizes))
+
+
+class _Assembler:
+    """Joins chunk results in index order and compares every signed root."""
+
+    def __init__(self, roots: dict[int, bytes], out: _Collector) -> None:
+        self.roots = roots
+        self.out = out
+        self.left = CompactRange()  # perfect subtrees of the complete chunks so far
+        self.broken = False
+
+    def add(self, chunk: _Chunk) -> None:
+        for finding in chunk.findings:
+            self.out.add(finding)
+        self.out.report.rows += chunk.rows
+        if self.broken:
+            return
+        for size in sorted(chunk.partials):
+            if self.broken:
+                break
+            self._compare(size, self.left.hashes + chunk.partials[size])
+        if chunk.broken_at is not None or chunk.root is None:
+            self.broken = True  # a gap, or a short last chunk: nothing further lines up
+        else:
+            self.left.append(chunk.root)
+
+    def _compare(self, size: int, hashes: list[bytes]) -> None:
+        computed = hashes[-1]
+        for node in reversed(hashes[:-1]):
+            computed = hash_children(node, computed)
+        signed = self.roots[size]
+        if computed != signed:
+            self.out.add(
+                Finding(
+                    "root_mismatch",
+                    f"tree head at size {size} signs root {signed.hex()[:16]}…, "
+                    f"the rows give {computed.hex()[:16]}…",
+                    tree_size=size,
+                )
+            )
+            self.broken = True
+        else:
+            self.out.report.verified_size = size
+
+
+def _chunks(end: int, roots: dict[int, bytes]) -> list[tuple[int, int, list[int]]]:
+    """Aligned ranges of _CHUNK indices (a power of two, so each complete chunk is one
+    perfect subtree), with the signed sizes that fall inside each."""
+    sizes = sorted(roots)
+    out = []
+    for lo in range(0, end, _CHUNK):
+        hi = min(lo + _CHUNK, end)
+        out.append((lo, hi, [s for s in sizes if lo < s <= hi]))
+    return out
+
+
+async def _check_all(
+    conn: asyncpg.Connection,
+    roots: dict[int, bytes],
+    out: _Collector,
+    dsn: str | None,
+    workers: int,
+) -> int:
+    """Check every row; returns the size of the log (one past the highest index)."""
+    bounds = await conn.fetchrow("SELECT min(log_index), max(log_index) FROM audit.events")
+    assert bounds is not None  # an aggregate always returns a row
+    low, high = bounds["min"], bounds["max"]
+    if low is None:
+        return 0
+    if low < 0:
+        out.add(Finding("reordered_row", f"a row claims the impossible index {low}", index=low))
+    end = int(high) + 1
+    assembler = _Assembler(roots, out)
+    plan = _chunks(end, roots)
+    if dsn and workers > 1 and len(plan) > 1:
+        snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")  # never fork a running event loop
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [
+                loop.run_in_executor(pool, _check_chunk_process, dsn, snapshot, lo, hi, sizes)
+                for lo, hi, sizes in plan
+            ]
+            for future in futures:  # in index order: the tree needs them in order
+                assembler.add(await future)
+    else:
+        for lo, hi, sizes in plan:
+            assembler.add(await _check_chunk(conn, lo, hi, sizes))
+    return end
 
 
 async def verify_log(
@@ -154,109 +429,39 @@ async def verify_log(
     *,
     log_id: str | None = None,
     allow_unsigned_tail: bool = False,
+    dsn: str | None = None,
+    workers: int = 1,
 ) -> VerifyReport:
-    """Verify the whole log in one consistent snapshot."""
+    """Verify the whole log in one consistent snapshot.
+
+    With `dsn` and `workers` > 1, the per-row checks of large logs run in that many
+    processes, each reading an index range in the same snapshot; the tree is still built
+    here, in order.
+    """
     started = time.perf_counter()
     report = VerifyReport()
     out = _Collector(report)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         roots = await _verified_heads(conn, public_key_pem, log_id, out)
-        frontier = CompactRange()
-        broken_at: int | None = None  # after a gap, later roots cannot be recomputed
-        last_key: tuple[Any, ...] = ()
-        while True:
-            # Keyset pages: bounded memory, and duplicates or wild indices still come through.
-            where = "WHERE (log_index, recorded) > ($2, $3)" if last_key else ""
-            rows = await conn.fetch(
-                f"{_SELECT_ROWS} {where} ORDER BY log_index, recorded LIMIT $1",
-                _PAGE, *last_key,
-            )
-            if not rows:
-                break
-            last_key = (rows[-1]["log_index"], rows[-1]["recorded"])
-            for row in rows:
-                index = row["log_index"]
-                report.rows += 1
-                expected = frontier.size
-                if index < expected:
-                    out.add(Finding(
-                        "duplicate_index", f"a second row claims index {index}", index=index
-                    ))
-                    continue
-                if index > expected:
-                    missing = index - expected
-                    out.add(Finding(
-                        "deleted_row",
-                        f"{missing} row(s) missing at index {expected}"
-                        + (f"..{index - 1}" if missing > 1 else ""),
-                        index=expected,
-                    ))
-                    broken_at = expected if broken_at is None else broken_at
-                    # Keep checking rows; pad so the indices line up again.
-                    for _ in range(missing):
-                        frontier.append(b"\x00" * 32)
-                leaf_data = bytes(row["leaf_data"])
-                leaf_hash = hash_leaf(leaf_data)
-                if leaf_hash != bytes(row["leaf_hash"]):
-                    out.add(Finding(
-                        "changed_row",
-                        f"row {index}: its data no longer hashes to the leaf hash written "
-                        "with it",
-                        index=index,
-                    ))
-                prefix = b'{"log_index":%d,' % index
-                if not leaf_data.startswith(prefix):
-                    out.add(Finding(
-                        "reordered_row",
-                        f"row stored at index {index} was written for another index "
-                        f"({leaf_data[:40].split(b',')[0].decode(errors='replace')})",
-                        index=index,
-                    ))
-                else:
-                    try:
-                        problems = _column_problems(row, parse_leaf(leaf_data))
-                    except ValueError:
-                        out.add(Finding(
-                            "unparseable_row", f"row {index}: leaf is not JSON", index=index
-                        ))
-                        problems = []
-                    if problems:
-                        out.add(Finding(
-                            "column_mismatch",
-                            f"row {index}: column(s) {', '.join(problems)} differ from the "
-                            "logged leaf (searches would return wrong rows)",
-                            index=index,
-                        ))
-                frontier.append(leaf_hash)
-                signed_root = roots.get(frontier.size)
-                if signed_root is not None and broken_at is None:
-                    computed = frontier.root()
-                    if computed != signed_root:
-                        out.add(Finding(
-                            "root_mismatch",
-                            f"tree head at size {frontier.size} signs root "
-                            f"{signed_root.hex()[:16]}…, the rows give {computed.hex()[:16]}…",
-                            tree_size=frontier.size,
-                        ))
-                        broken_at = frontier.size
-                    else:
-                        report.verified_size = frontier.size
-    size = frontier.size
-    signed_sizes = sorted(roots)
-    largest = signed_sizes[-1] if signed_sizes else 0
+        size = await _check_all(conn, roots, out, dsn, workers)
+    largest = max(roots, default=0)
     if largest > size:
-        out.add(Finding(
-            "truncated_tail",
-            f"the log ends at {size} rows but a tree head was signed at size {largest}: "
-            f"{largest - size} row(s) removed from the end",
-            tree_size=largest,
-        ))
+        out.add(
+            Finding(
+                "truncated_tail",
+                f"the log ends at {size} rows but a tree head was signed at size {largest}: "
+                f"{largest - size} row(s) removed from the end",
+                tree_size=largest,
+            )
+        )
     if size > largest and not allow_unsigned_tail:
-        out.add(Finding(
-            "unsigned_tail",
-            f"{size - largest} row(s) from index {largest} are not covered by any valid signed "
-            "tree head (inserted after the last head, or the writer died before signing)",
-            index=largest,
-        ))
+        out.add(
+            Finding(
+                "unsigned_tail",
+                f"{size - largest} row(s) from index {largest} are not covered by any valid signed "
+                "tree head (inserted after the last head, or the writer died before signing)",
+                index=largest,
+            )
+        )
     report.seconds = time.perf_counter() - started
     return report

@@ -142,7 +142,10 @@ async def migrate(
                 await conn.execute(
                     "INSERT INTO audit.schema_migrations (version, name, kind, checksum) "
                     "VALUES ($1, $2, $3, $4)",
-                    migration.version, migration.name, migration.kind, migration.checksum,
+                    migration.version,
+                    migration.name,
+                    migration.kind,
+                    migration.checksum,
                 )
         return todo
     finally:

@@ -15,16 +15,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from audit_worker.crypto import DataKey
 from audit_worker.errors import SequenceError
 from audit_worker.events import Rejection
-from audit_worker.merkle import CompactRange, HASH_SIZE
+from audit_worker.merkle import HASH_SIZE, CompactRange
 from audit_worker.records import PreparedEvent, SequencedEvent, iso_ms, sequence
 
 _EVENT_COLUMNS = (
-    "log_index", "event_id", "recorded", "occurred", "action", "outcome",
-    "patient_hmac", "actor_hmac", "data_key_id", "leaf_data", "leaf_hash",
+    "log_index",
+    "event_id",
+    "recorded",
+    "occurred",
+    "action",
+    "outcome",
+    "patient_hmac",
+    "actor_hmac",
+    "data_key_id",
+    "leaf_data",
+    "leaf_hash",
 )
 
 
@@ -82,7 +92,9 @@ class LogStore:
         self.log_id = log_id
         self._lock_key = sequencer_lock_key(log_id)
 
-    async def _catch_up(self, conn: asyncpg.Connection, frontier: CompactRange) -> None:
+    async def _catch_up(
+        self, conn: PoolConnectionProxy[asyncpg.Record], frontier: CompactRange
+    ) -> None:
         rows = await conn.fetch(
             "SELECT log_index, leaf_hash FROM audit.events WHERE log_index >= $1 "
             "ORDER BY log_index",
@@ -100,11 +112,11 @@ class LogStore:
         """Resume from the newest tree head's compact range, then catch up with the rows."""
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT tree_size, frontier FROM audit.tree_heads "
-                "ORDER BY tree_size DESC LIMIT 1"
+                "SELECT tree_size, frontier FROM audit.tree_heads ORDER BY tree_size DESC LIMIT 1"
             )
             frontier = (
-                _unpack_frontier(row["tree_size"], bytes(row["frontier"])) if row
+                _unpack_frontier(row["tree_size"], bytes(row["frontier"]))
+                if row
                 else CompactRange()
             )
             await self._catch_up(conn, frontier)
@@ -125,7 +137,10 @@ class LogStore:
                 await conn.execute(
                     "INSERT INTO audit.data_keys (key_id, purpose, wrapped, wrapper_ref) "
                     "VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING",
-                    key.key_id, "phi", key.wrapped, key.wrapper_ref,
+                    key.key_id,
+                    "phi",
+                    key.wrapped,
+                    key.wrapper_ref,
                 )
             if dead_letters:
                 await conn.executemany(
@@ -135,9 +150,14 @@ class LogStore:
                     " ON CONFLICT (stream_entry_id) DO NOTHING",
                     [
                         (
-                            d.stream_entry_id, d.rejection.field, d.rejection.value_class,
-                            d.rejection.rule, d.rejection.message, d.delivery_count,
-                            d.payload_sealed, d.data_key_id,
+                            d.stream_entry_id,
+                            d.rejection.field,
+                            d.rejection.value_class,
+                            d.rejection.rule,
+                            d.rejection.message,
+                            d.delivery_count,
+                            d.payload_sealed,
+                            d.data_key_id,
                         )
                         for d in dead_letters
                     ],
@@ -170,19 +190,24 @@ class LogStore:
                         columns=_EVENT_COLUMNS,
                         records=[
                             (
-                                s.log_index, s.prepared.event_id, s.recorded,
-                                s.prepared.occurred, s.prepared.action, s.prepared.outcome,
-                                s.prepared.patient_hmac, s.prepared.actor_hmac,
-                                s.prepared.data_key_id, s.leaf_data, s.leaf_hash,
+                                s.log_index,
+                                s.prepared.event_id,
+                                s.recorded,
+                                s.prepared.occurred,
+                                s.prepared.action,
+                                s.prepared.outcome,
+                                s.prepared.patient_hmac,
+                                s.prepared.actor_hmac,
+                                s.prepared.data_key_id,
+                                s.leaf_data,
+                                s.leaf_hash,
                             )
                             for s in stored
                         ],
                     )
         return AppendResult(stored, duplicates, work)
 
-    async def insert_tree_head(
-        self, head: StoredTreeHead, frontier: CompactRange
-    ) -> bool:
+    async def insert_tree_head(self, head: StoredTreeHead, frontier: CompactRange) -> bool:
         """Store a signed tree head; False when one for this size already exists."""
         if frontier.size != head.tree_size:
             raise ValueError(f"frontier size {frontier.size}, want {head.tree_size}")
@@ -191,8 +216,13 @@ class LogStore:
                 "INSERT INTO audit.tree_heads (tree_size, root_hash, timestamp_ms, log_id,"
                 " signature, signer_ref, frontier) VALUES ($1, $2, $3, $4, $5, $6, $7)"
                 " ON CONFLICT (tree_size) DO NOTHING",
-                head.tree_size, head.root_hash, head.timestamp_ms, head.log_id,
-                head.signature, head.signer_ref, _pack_frontier(frontier),
+                head.tree_size,
+                head.root_hash,
+                head.timestamp_ms,
+                head.log_id,
+                head.signature,
+                head.signer_ref,
+                _pack_frontier(frontier),
             )
         return bool(status.endswith(" 1"))
 
@@ -204,8 +234,12 @@ class LogStore:
             )
         return [
             StoredTreeHead(
-                r["tree_size"], bytes(r["root_hash"]), r["timestamp_ms"], r["log_id"],
-                bytes(r["signature"]), r["signer_ref"],
+                r["tree_size"],
+                bytes(r["root_hash"]),
+                r["timestamp_ms"],
+                r["log_id"],
+                bytes(r["signature"]),
+                r["signer_ref"],
             )
             for r in rows
         ]
@@ -244,7 +278,10 @@ class LogStore:
                     "INSERT INTO audit.data_keys (key_id, purpose, wrapped, wrapper_ref)"
                     " SELECT $1, $2, $3, $4 WHERE NOT EXISTS"
                     " (SELECT 1 FROM audit.data_keys WHERE purpose = $2)",
-                    create.key_id, purpose, create.wrapped, create.wrapper_ref,
+                    create.key_id,
+                    purpose,
+                    create.wrapped,
+                    create.wrapper_ref,
                 )
             row = await conn.fetchrow(
                 "SELECT wrapped FROM audit.data_keys WHERE purpose = $1"

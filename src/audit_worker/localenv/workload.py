@@ -98,7 +98,7 @@ async def produce(
 def main() -> None:
     """`python -m audit_worker.localenv.workload REDIS_URL COUNT [--rate R]`: a producer
     process, so that benchmarks do not share the worker's event loop."""
-    import argparse  # noqa: PLC0415
+    import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("redis_url")

@@ -60,7 +60,7 @@ async def test_contract_migration_needs_allow_contract(
     fresh_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     contract = m.Migration(2, "drop_old_column", "contract", "-- kind: contract\nSELECT 1;")
-    known = m.load_migrations() + [contract]
+    known = [*m.load_migrations(), contract]
     monkeypatch.setattr(m, "load_migrations", lambda: known)
     conn = await asyncpg.connect(fresh_database)
     try:

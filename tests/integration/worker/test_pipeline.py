@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import redis.asyncio as aioredis
 
@@ -33,7 +35,11 @@ async def test_malformed_events_go_to_dead_letters_with_reason_and_worker_contin
 ) -> None:
     stream = parts.worker.intake.stream
     good = [encode(make_event(i)) for i in range(10)]
-    bad = [b"{not json", encode(make_event(99, action="X")), encode(make_event(98, patient="a\x00b"))]
+    bad = [
+        b"{not json",
+        encode(make_event(99, action="X")),
+        encode(make_event(98, patient="a\x00b")),
+    ]
     await _xadd(producer, stream, good[:5] + bad + good[5:])
     await producer.xadd(stream, {"other": b"x"})
     assert await drain(parts) == 10
@@ -76,6 +82,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_stored(
     # another consumer reads them and dies without acknowledging
     await producer.xreadgroup(intake.group, "dead-consumer", {intake.stream: ">"}, count=100)
     intake.claim_idle_ms = 1
+    await asyncio.sleep(0.01)  # idle for longer than claim_idle_ms, or XAUTOCLAIM skips them
     assert await drain(parts) == 20
     assert (await intake.backlog())[1] == 0
 
@@ -89,6 +96,7 @@ async def test_entry_over_the_delivery_limit_is_dead_lettered(
     for _ in range(parts.worker.max_deliveries):
         await producer.xautoclaim(intake.stream, intake.group, "flaky", 0, "0-0")
     intake.claim_idle_ms = 1
+    await asyncio.sleep(0.01)  # idle for longer than claim_idle_ms, or XAUTOCLAIM skips it
     await drain(parts)
     async with parts.pool.acquire() as conn:
         rule = await conn.fetchval("SELECT rule FROM audit.dead_letters")

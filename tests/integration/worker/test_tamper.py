@@ -29,7 +29,9 @@ async def log(parts: Assembly, producer: aioredis.Redis) -> AsyncIterator[Assemb
     for batch in range(4):
         async with producer.pipeline(transaction=False) as pipe:
             for i in range(EVENTS // 4):
-                pipe.xadd(parts.worker.intake.stream, {"event": encode(make_event(batch * 100 + i))})
+                pipe.xadd(
+                    parts.worker.intake.stream, {"event": encode(make_event(batch * 100 + i))}
+                )
             await pipe.execute()
         await drain(parts, batch=EVENTS // 4, idle_rounds=1)
         await parts.worker.sign_tree_head()
@@ -63,7 +65,7 @@ async def test_changed_row_is_detected_at_its_index(log: Assembly) -> None:
     await _tamper(
         log,
         "UPDATE audit.events SET leaf_data = convert_to(replace(convert_from(leaf_data, 'UTF8'),"
-        " '\"action\":\"R\"', '\"action\":\"D\"'), 'UTF8') WHERE log_index = 42",
+        ' \'"action":"R"\', \'"action":"D"\'), \'UTF8\') WHERE log_index = 42',
     )
     report = await _verify(log)
     changed = [f for f in report.findings if f.kind == "changed_row"]
@@ -108,7 +110,8 @@ async def test_reordered_rows_are_detected(log: Assembly) -> None:
     )
     report = await _verify(log)
     assert {(f.kind, f.index) for f in report.findings} >= {
-        ("reordered_row", 10), ("reordered_row", 11),
+        ("reordered_row", 10),
+        ("reordered_row", 11),
     }
 
 
@@ -169,12 +172,13 @@ async def test_tree_head_re_signed_with_another_key_is_detected(log: Assembly) -
         f" signature = '\\x{signature.hex()}' WHERE tree_size = {head['tree_size']}",
     )
     report = await _verify(log)
-    assert ("bad_signature", head["tree_size"]) in {
-        (f.kind, f.tree_size) for f in report.findings
-    }
-    assert other.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != log.worker.signer.public_key_pem()
+    assert ("bad_signature", head["tree_size"]) in {(f.kind, f.tree_size) for f in report.findings}
+    assert (
+        other.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        != log.worker.signer.public_key_pem()
+    )
 
 
 async def test_verify_cli_exits_nonzero_and_names_the_row(
@@ -189,9 +193,22 @@ async def test_verify_cli_exits_nonzero_and_names_the_row(
     key.write_bytes(log.worker.signer.public_key_pem())
     await _tamper(log, "DELETE FROM audit.events WHERE log_index = 5")
     done = subprocess.run(
-        [sys.executable, "-m", "audit_worker.cli", "verify", "--public-key", str(key),
-         "--database-url", fresh_database, "--output", "json"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "audit_worker.cli",
+            "verify",
+            "--public-key",
+            str(key),
+            "--database-url",
+            fresh_database,
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
@@ -205,3 +222,30 @@ async def test_appends_are_refused_by_the_trigger_even_for_the_owner(log: Assemb
     async with log.pool.acquire() as conn:
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
             await conn.execute("DELETE FROM audit.events WHERE log_index = 1")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_chunked_and_parallel_verification_find_the_same_problems(
+    log: Assembly, fresh_database: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import audit_worker.verify as verify_module
+
+    # 8-row chunks, so 120 rows make 15 chunks with tree heads falling inside and on edges
+    monkeypatch.setattr(verify_module, "_CHUNK", 8)
+    clean = await _verify_with(log, fresh_database, workers)
+    assert clean.ok and clean.verified_size == EVENTS, clean.findings
+    await _tamper(
+        log,
+        "DELETE FROM audit.events WHERE log_index = 77",
+        "UPDATE audit.events SET patient_hmac = sha256('x') WHERE log_index = 20",
+    )
+    report = await _verify_with(log, fresh_database, workers)
+    found = {(f.kind, f.index) for f in report.findings}
+    assert {("deleted_row", 77), ("column_mismatch", 20)} <= found
+    assert report.verified_size == 60  # the last head before the gap at 77 still checks out
+
+
+async def _verify_with(parts: Assembly, dsn: str, workers: int) -> VerifyReport:
+    pem = parts.worker.signer.public_key_pem()
+    async with parts.pool.acquire() as conn:
+        return await verify_log(conn, pem, dsn=dsn, workers=workers)

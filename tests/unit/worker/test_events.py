@@ -37,7 +37,9 @@ def test_valid_event_parses_with_utc_time() -> None:
         ({"entity": [{"type": "Patient", "id": 5}]}, "entity.0.id", "string_type"),
     ],
 )
-def test_rejection_names_field_and_rule(overrides: dict[str, object], field: str, rule: str) -> None:
+def test_rejection_names_field_and_rule(
+    overrides: dict[str, object], field: str, rule: str
+) -> None:
     rejected = _parse(**overrides)
     assert isinstance(rejected, Rejection)
     assert (rejected.field, rejected.rule) == (field, rule)

@@ -1,0 +1,190 @@
+"""Values for the ``charts/audit-worker`` Helm chart, computed from an environment's settings.
+
+`chart_values` is a pure function of plain values (no Pulumi outputs), so the tests can check
+its result against the chart's ``values.schema.json`` for every environment. The program
+calls it inside an ``Output.apply`` once the ARNs, names and CIDRs it needs are known.
+
+The result is merged by Helm over the chart's own ``values.yaml``: keys that are left out
+(startup probe, metrics, DNS egress, ...) keep the chart's defaults.
+
+Blue-green: the active slot runs the environment's replica count (in DR: one replica for a
+pilot light, prod's count for a warm standby); the idle slot runs ``preview_replicas``, 0 at
+rest, set by the release workflow while a new version is previewed or while the old one is
+kept for an instant rollback.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from infra.settings import EnvironmentSettings
+
+__all__ = [
+    "CONNECTIONS_SECRET",
+    "DATABASE_URL_KEY",
+    "REDIS_URL_KEY",
+    "RELEASE_NAME",
+    "SLOTS",
+    "WorkerBindings",
+    "active_replica_count",
+    "chart_values",
+    "service_names",
+    "validate_image_tag",
+]
+
+RELEASE_NAME = "audit-worker"
+CONNECTIONS_SECRET = "audit-worker-connections"
+DATABASE_URL_KEY = "database-url"
+REDIS_URL_KEY = "redis-url"
+SLOTS: tuple[str, str] = ("blue", "green")
+FAILURE_THRESHOLD = 3
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+Slot = Literal["blue", "green"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerBindings:
+    """What the worker is bound to in the cloud, resolved to plain strings."""
+
+    data_key_id: str
+    signing_key_id: str
+    archive_bucket: str
+    service_account_role_arn: str
+    postgres_cidrs: Sequence[str] = field(default_factory=list)
+    redis_cidrs: Sequence[str] = field(default_factory=list)
+    aws_api_cidrs: Sequence[str] = field(default_factory=list)
+
+
+def validate_image_tag(key: str, tag: str) -> str:
+    """Return ``tag`` if it is an OCI image tag; raise ValueError naming the config key."""
+    if not _TAG.match(tag):
+        raise ValueError(
+            f"{key}: {tag!r} is not an image tag (letters, digits, '_', '.', '-'; at most 128; "
+            f"not starting with '.' or '-'). Fix: pulumi config set {key} <tag>")
+    return tag
+
+
+def service_names(release: str = RELEASE_NAME) -> dict[str, str]:
+    """The chart's Services: ``<fullname>-active`` and ``<fullname>-preview``."""
+    return {"active": f"{release}-active", "preview": f"{release}-preview"}
+
+
+def active_replica_count(settings: EnvironmentSettings, primary_replicas: int | None = None) -> int:
+    """Replicas of the active slot: the setting, or in DR what the strategy calls for."""
+    w = settings.worker
+    if settings.dr is not None and settings.dr.strategy == "pilot-light":
+        return 1
+    if settings.dr is not None and settings.dr.strategy == "warm-standby" and primary_replicas:
+        return max(w.min_replicas, min(primary_replicas, w.max_replicas))
+    return w.replicas
+
+
+def chart_values(
+    settings: EnvironmentSettings,
+    *,
+    active_slot: str,
+    blue_image: str,
+    green_image: str,
+    bindings: WorkerBindings,
+    preview_replicas: int = 0,
+    primary_replicas: int | None = None,
+) -> dict[str, Any]:
+    """The chart values for one environment (camelCase, as ``values.schema.json`` wants).
+
+    ``blue_image`` and ``green_image`` are image tags; ``primary_replicas`` is prod's replica
+    count, used by a DR warm standby.
+    """
+    if active_slot not in SLOTS:
+        raise ValueError(f"active_slot must be 'blue' or 'green', got {active_slot!r}")
+    if preview_replicas < 0:
+        raise ValueError(f"preview_replicas must be >= 0, got {preview_replicas}")
+    tags = {"blue": validate_image_tag("blueImage", blue_image),
+            "green": validate_image_tag("greenImage", green_image)}
+    w = settings.worker
+    idle = "green" if active_slot == "blue" else "blue"
+    pilot_light = settings.dr is not None and settings.dr.strategy == "pilot-light"
+    is_dr = settings.name == "dr"
+    active = active_replica_count(settings, primary_replicas)
+    idle_replicas = 0 if pilot_light else preview_replicas
+    replicas = {active_slot: active, idle: idle_replicas}
+    autoscaling = not pilot_light and w.max_replicas > w.min_replicas
+    multi_az = settings.network is not None and (
+        settings.network.availability_zones is None or settings.network.availability_zones > 1)
+    # While a preview of a different image runs, the migration Job runs that image (expand).
+    promoting = idle_replicas > 0 and tags[idle] != tags[active_slot]
+
+    values: dict[str, Any] = {
+        "environment": settings.name,
+        "logId": w.log_id,
+        "image": {"repository": w.image_repository, "pullPolicy": "IfNotPresent"},
+        "activeSlot": active_slot,
+        "slots": {slot: {"tag": tags[slot], "replicas": replicas[slot]} for slot in SLOTS},
+        "worker": {
+            "batchSize": w.batch_size,
+            "signIntervalSeconds": w.sign_interval_seconds,
+            "shutdownGraceSeconds": w.shutdown_grace_seconds,
+        },
+        "keys": {
+            "backend": settings.keys.backend,
+            "kmsDataKeyId": bindings.data_key_id,
+            "kmsSigningKeyId": bindings.signing_key_id,
+        },
+        "aws": {"region": settings.region, "archiveBucket": bindings.archive_bucket},
+        "secrets": {
+            "existingSecret": CONNECTIONS_SECRET,
+            "databaseUrlKey": DATABASE_URL_KEY,
+            "redisUrlKey": REDIS_URL_KEY,
+        },
+        "serviceAccount": {
+            "create": True,
+            "name": "audit-worker",
+            "annotations": {
+                "eks.amazonaws.com/role-arn": bindings.service_account_role_arn,
+                "eks.amazonaws.com/sts-regional-endpoints": "true",
+            },
+            "automountToken": True,
+        },
+        "probes": {
+            check: {
+                "periodSeconds": probe.period_seconds,
+                "timeoutSeconds": probe.timeout_seconds,
+                "failureThreshold": FAILURE_THRESHOLD,
+            }
+            for check, probe in (("liveness", settings.probes.liveness),
+                                 ("readiness", settings.probes.readiness))
+        },
+        "resources": {
+            "requests": {"cpu": w.cpu_request, "memory": w.memory_request},
+            "limits": {"cpu": w.cpu_limit, "memory": w.memory_limit},
+        },
+        "podDisruptionBudget": (
+            {"minAvailable": active - 1, "maxUnavailable": 1} if active >= 2
+            else {"maxUnavailable": 1}
+        ),
+        "autoscaling": {
+            "enabled": autoscaling,
+            "minReplicas": w.min_replicas,
+            "maxReplicas": w.max_replicas,
+            "targetCPUUtilizationPercentage": w.target_cpu_percent,
+        },
+        "podAntiAffinity": {"preset": "soft" if active >= 2 else ""},
+        "topologySpread": {
+            "enabled": multi_az and active >= 2,
+            "whenUnsatisfiable": "DoNotSchedule" if settings.hardened else "ScheduleAnyway",
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "egress": {
+                "postgresCidrs": list(dict.fromkeys(bindings.postgres_cidrs)),
+                "redisCidrs": list(dict.fromkeys(bindings.redis_cidrs)),
+                "awsApiCidrs": list(dict.fromkeys(bindings.aws_api_cidrs)),
+            },
+        },
+        # DR's database is a read replica until a failover promotes it: no migrations there.
+        "migration": {"enabled": not is_dr, "slot": idle if promoting else ""},
+    }
+    return values
