@@ -34,6 +34,7 @@ from rich.table import Table
 from audit_worker.config import WorkerSettings
 from audit_worker.crypto import DataKeyManager, FieldCipher, LocalKeyWrapper, Pseudonymiser
 from audit_worker.db.migrate import migrate
+from audit_worker.db.store import EVENT_COLUMNS
 from audit_worker.events import AuditEvent, parse_event
 from audit_worker.localenv.servers import PostgresServer, RedisServer
 from audit_worker.localenv.workload import produce, synthetic_event
@@ -84,21 +85,6 @@ def sample_rows(count: int, key_dir: Path) -> list[tuple[Any, ...]]:
     return rows
 
 
-COLUMNS = (
-    "log_index",
-    "event_id",
-    "recorded",
-    "occurred",
-    "action",
-    "outcome",
-    "patient_hmac",
-    "actor_hmac",
-    "data_key_id",
-    "leaf_data",
-    "leaf_hash",
-)
-
-
 async def bench_naive(url: str, rows: list[tuple[Any, ...]]) -> float:
     conn = await asyncpg.connect(url)
     await conn.execute("CREATE TABLE bench_naive (LIKE audit.events)")
@@ -123,7 +109,7 @@ async def bench_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
     for i in range(0, len(rows), 1000):
         async with conn.transaction():
             await conn.copy_records_to_table(
-                "bench_copy", records=rows[i : i + 1000], columns=COLUMNS
+                "bench_copy", records=rows[i : i + 1000], columns=EVENT_COLUMNS
             )
     elapsed = time.perf_counter() - started
     await conn.close()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +12,13 @@ import asyncpg
 
 from audit_worker.config import WorkerSettings
 from audit_worker.db.migrate import migrate
+from audit_worker.localenv.workload import synthetic_event
 from audit_worker.service import Assembly, assemble
 
 
 def make_event(n: int = 0, **overrides: Any) -> dict[str, Any]:
-    """A synthetic audit event. Identifiers are obviously fake (MRN-TEST-…)."""
-    event: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "action": "R",
-        "code": "rest-read",
-        "outcome": 0,
-        "occurred": datetime.now(UTC).isoformat(),
-        "agent": {"who": f"clinician-{n % 50}", "role": "physician", "network": "10.1.2.3"},
-        "source": {"observer": "ehr-test", "site": "ward-7"},
-        "patient": f"MRN-TEST-{n % 1000:06d}",
-        "entity": [{"type": "Observation", "id": f"obs-{n}"}],
-        "purpose_of_use": ["TREAT"],
-        "detail": "synthetic chart view",
-    }
-    event.update(overrides)
-    return event
+    """A synthetic audit event (obviously fake identifiers), with fields overridden."""
+    return {**synthetic_event(n), **overrides}
 
 
 def encode(event: dict[str, Any]) -> bytes:

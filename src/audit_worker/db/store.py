@@ -23,7 +23,7 @@ from audit_worker.events import Rejection
 from audit_worker.merkle import HASH_SIZE, CompactRange
 from audit_worker.records import PreparedEvent, SequencedEvent, iso_ms, sequence
 
-_EVENT_COLUMNS = (
+EVENT_COLUMNS = (
     "log_index",
     "event_id",
     "recorded",
@@ -187,7 +187,7 @@ class LogStore:
                     await conn.copy_records_to_table(
                         "events",
                         schema_name="audit",
-                        columns=_EVENT_COLUMNS,
+                        columns=EVENT_COLUMNS,
                         records=[
                             (
                                 s.log_index,

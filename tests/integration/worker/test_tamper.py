@@ -65,7 +65,7 @@ async def test_changed_row_is_detected_at_its_index(log: Assembly) -> None:
     await _tamper(
         log,
         "UPDATE audit.events SET leaf_data = convert_to(replace(convert_from(leaf_data, 'UTF8'),"
-        ' \'"action":"R"\', \'"action":"D"\'), \'UTF8\') WHERE log_index = 42',
+        ' \'"code":"rest-read"\', \'"code":"rest-export"\'), \'UTF8\') WHERE log_index = 42',
     )
     report = await _verify(log)
     changed = [f for f in report.findings if f.kind == "changed_row"]

@@ -56,7 +56,10 @@ def test_free_text_and_entity_ids_are_sealed_to_the_event(tmp_path: Path) -> Non
 
     blob = base64.b64decode(leaf["sealed"]["ct"])
     opened = json.loads(cipher.decrypt(key, blob, event.event_id.bytes))
-    assert opened == {"detail": "synthetic chart view", "entity_ids": ["obs-3"]}
+    assert opened == {
+        "detail": "synthetic chart access for load testing",
+        "entity_ids": ["obs-3"],
+    }
     assert leaf["sealed"]["key_id"] == key.key_id
 
 
