@@ -206,6 +206,7 @@ async def main() -> None:
             "AUDIT_REDIS_URL": rd.url,
             "AUDIT_LOCAL_KEY_DIR": str(key_dir),
             "AUDIT_LOG_LEVEL": "warning",
+            "AUDIT_HTTP_PORT": "0",  # `run` serves HTTP: two workers here need two ports
         }
         settings = WorkerSettings(
             database_url=pg.url,

@@ -12,7 +12,11 @@
 
 Validation failures of single events are not exceptions: they are `Rejection` values
 (see `events.py`) that go to the dead-letter store while the worker keeps going.
-Lower-level errors (asyncpg, redis, botocore) are mapped to these with ``raise ... from exc``.
+
+Key-service errors (botocore) are mapped to `audit_worker.crypto` errors with
+``raise ... from exc``. Driver errors (asyncpg, redis) are not wrapped: `resilience.py`
+classifies them by dependency for the circuit breakers and retries, and counts the
+`DependencyError` subclasses above as belonging to the same dependency.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,19 +25,16 @@ from pydantic import (
 # Control characters cannot be shown safely in a review tool, and NUL cannot be stored in a
 # PostgreSQL text column; identifiers with them are rejected, free text is cleaned.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_CONTROL_OR_NEWLINE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _no_control(value: str) -> str:
-    if _CONTROL_OR_NEWLINE.search(value):
-        raise ValueError("control_characters")
-    return value
-
+# Checked by pydantic-core's own regex engine: no Python call per identifier.
+_NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 Identifier = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=256),
-    AfterValidator(_no_control),
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=256, pattern=_NO_CONTROL_PATTERN
+    ),
 ]
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 
@@ -160,6 +156,10 @@ def _rejection_from(exc: ValidationError) -> Rejection:
         # Our own validators raise ValueError(rule_name): surface the rule, not "value_error".
         rule = str(err.get("ctx", {}).get("error", message))
         message = _RULE_MESSAGES.get(rule, rule)
+    pattern = err.get("ctx", {}).get("pattern")
+    if rule == "string_pattern_mismatch" and pattern == _NO_CONTROL_PATTERN:
+        rule = "control_characters"
+        message = _RULE_MESSAGES[rule]
     if rule == "json_invalid":
         field = "(event)"
     klass = "missing" if rule == "missing" else value_class(err.get("input"))

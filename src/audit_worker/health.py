@@ -188,9 +188,11 @@ class HealthChecks:
         if status.integrity_failure:
             problems.append(f"writer stopped by an integrity failure: {status.integrity_failure}")
         for name, breaker in self.breakers.items():
-            if breaker.state is BreakerState.OPEN:
+            state = breaker.state
+            if state is not BreakerState.CLOSED:  # open, or half-open: not proven back yet
+                word = "open" if state is BreakerState.OPEN else "half-open (probing)"
                 problems.append(
-                    f"{name} circuit breaker open after {breaker.consecutive_failures} "
+                    f"{name} circuit breaker {word} after {breaker.consecutive_failures} "
                     f"failure(s): {breaker.last_error or 'unknown error'}"
                 )
         (db_ms, db_problem), (redis_ms, redis_problem) = await asyncio.gather(

@@ -113,7 +113,7 @@ class Metrics:
         )
         self.stream_lag = Gauge(
             "audit_stream_lag",
-            "Entries in the stream not yet delivered to the consumer group.",
+            "Entries in the stream not yet delivered to the consumer group (NaN on Redis < 7).",
             registry=r,
         )
         self.stream_pending = Gauge(

@@ -88,7 +88,8 @@ class RecordBuilder:
             "entity_types": [e.type for e in event.entity],
             "event_id": str(event.event_id),
             "network_hmac": network.hex() if network else None,
-            "occurred": iso_ms(event.occurred),
+            # parse_event normalised it to UTC
+            "occurred": event.occurred.isoformat(timespec="milliseconds")[:-6] + "Z",
             "outcome": event.outcome,
             "patient_hmac": patient.hex() if patient else None,
             "purpose_of_use": event.purpose_of_use,

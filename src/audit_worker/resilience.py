@@ -166,6 +166,9 @@ class CircuitBreaker:
 _POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # e.g. "cannot switch to state 15; another operation is in progress" on a pooled
+    # connection the server terminated mid-query: the pool replaces the connection.
+    asyncpg.InternalClientError,
     DatabaseUnavailable,
 )
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisUnavailable)
@@ -191,6 +194,11 @@ def classify(exc: BaseException, talking_to: Dependency | None = None) -> Depend
     return None
 
 
+# SQLSTATE classes whose messages name servers, roles and databases, never row values:
+# connection (08), authorisation (28), catalog name (3D), resources (53), operator (57).
+_SAFE_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57"})
+
+
 def describe_error(exc: BaseException) -> str:
     """A log- and metric-safe description: the class, and PostgreSQL's SQLSTATE or the
     crypto layer's message (which names key references only). Never a value that might
@@ -198,6 +206,8 @@ def describe_error(exc: BaseException) -> str:
     name = type(exc).__name__
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(exc, asyncpg.PostgresError) and sqlstate:
+        if str(sqlstate)[:2] in _SAFE_SQLSTATE_CLASSES:
+            return f"{name} (SQLSTATE {sqlstate}): {exc}"
         return f"{name} (SQLSTATE {sqlstate})"
     if isinstance(exc, KeyUnavailableError | BreakerOpen | RedisError | OSError):
         text = str(exc)

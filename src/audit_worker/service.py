@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import signal
 import socket
@@ -40,7 +41,6 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
 
 from audit_worker.config import WorkerSettings
 from audit_worker.crypto import (
@@ -338,6 +338,12 @@ class Service:
                 parts = await stack.enter_async_context(
                     assemble(s, create_keys=self.create_keys)
                 )
+            except INTEGRITY_FAILURES as exc:
+                # The stored log contradicts itself (e.g. a gap where the compact range
+                # resumes): never write; serve health and metrics until stopped.
+                self._halt(exc)
+                await stop.wait()
+                return None
             except MigrationError as exc:
                 problem = f"schema: {exc}"
             except KeyUnavailableError as exc:
@@ -577,23 +583,28 @@ class Service:
     # ------------------------------------------------------------------ gauges
     async def refresh_stats(self) -> None:
         """Stream lag and pending, newest signed tree head; failures leave old values."""
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        try:
             lag, pending = await asyncio.wait_for(self._stats_intake.backlog(), timeout=2)
-            if lag >= 0:
-                self.metrics.stream_lag.set(lag)
+        except Exception as exc:  # best effort: the gauges keep their last values
+            log.debug("stream gauges not refreshed", error=describe_error(exc))
+        else:
+            # Redis < 7 does not report a group's lag: NaN rather than a made-up number.
+            self.metrics.stream_lag.set(lag if lag >= 0 else math.nan)
             self.metrics.stream_pending.set(pending)
         parts = self.parts
         if parts is None:
             return
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                                 TimeoutError):
+        try:
             async with parts.pool.acquire(timeout=2) as conn:
                 row = await conn.fetchrow(
                     "SELECT tree_size, timestamp_ms FROM audit.tree_heads"
                     " ORDER BY tree_size DESC LIMIT 1", timeout=2,
                 )
-            if row is not None:
-                self.metrics.note_tree_head(row["tree_size"], row["timestamp_ms"])
+        except Exception as exc:
+            log.debug("tree head gauges not refreshed", error=describe_error(exc))
+            return
+        if row is not None:
+            self.metrics.note_tree_head(row["tree_size"], row["timestamp_ms"])
 
     async def _stats_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

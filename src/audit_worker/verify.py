@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -119,8 +120,18 @@ class _Collector:
             self.report.suppressed[finding.kind] = n - _MAX_FINDINGS_PER_KIND
 
 
+def _signed_by_any(public_keys: Sequence[bytes], head: TreeHead, signature: bytes) -> bool:
+    for pem in public_keys:
+        try:
+            verify_tree_head(pem, head, signature)
+        except (SignatureError, ValueError):
+            continue
+        return True
+    return False
+
+
 async def _verified_heads(
-    conn: asyncpg.Connection, public_key_pem: bytes, log_id: str | None, out: _Collector
+    conn: asyncpg.Connection, public_keys: Sequence[bytes], log_id: str | None, out: _Collector
 ) -> dict[int, bytes]:
     rows = await conn.fetch(
         "SELECT tree_size, root_hash, timestamp_ms, log_id, signature FROM audit.tree_heads"
@@ -141,13 +152,14 @@ async def _verified_heads(
             continue
         try:
             head = TreeHead(r["log_id"], size, bytes(r["root_hash"]), r["timestamp_ms"])
-            verify_tree_head(public_key_pem, head, bytes(r["signature"]))
-        except (SignatureError, ValueError):
+        except ValueError:
+            head = None
+        if head is None or not _signed_by_any(public_keys, head, bytes(r["signature"])):
             out.add(
                 Finding(
                     "bad_signature",
                     f"tree head at size {size}: signature does not verify with the given public "
-                    "key (forged or re-signed head)",
+                    "key(s) (forged or re-signed head)",
                     tree_size=size,
                 )
             )
@@ -425,7 +437,7 @@ async def _check_all(
 
 async def verify_log(
     conn: asyncpg.Connection,
-    public_key_pem: bytes,
+    public_keys: bytes | Sequence[bytes],
     *,
     log_id: str | None = None,
     allow_unsigned_tail: bool = False,
@@ -433,6 +445,9 @@ async def verify_log(
     workers: int = 1,
 ) -> VerifyReport:
     """Verify the whole log in one consistent snapshot.
+
+    `public_keys` is the signer's PEM public key, or several when the signing key was
+    rotated: a tree head passes when any of them verifies it.
 
     With `dsn` and `workers` > 1, the per-row checks of large logs run in that many
     processes, each reading an index range in the same snapshot; the tree is still built
@@ -442,7 +457,8 @@ async def verify_log(
     report = VerifyReport()
     out = _Collector(report)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        roots = await _verified_heads(conn, public_key_pem, log_id, out)
+        keys = [public_keys] if isinstance(public_keys, bytes) else list(public_keys)
+        roots = await _verified_heads(conn, keys, log_id, out)
         size = await _check_all(conn, roots, out, dsn, workers)
     largest = max(roots, default=0)
     if largest > size:

@@ -7,6 +7,7 @@ The tamperer is a database superuser: it bypasses the append-only triggers with
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -249,3 +250,33 @@ async def _verify_with(parts: Assembly, dsn: str, workers: int) -> VerifyReport:
     pem = parts.worker.signer.public_key_pem()
     async with parts.pool.acquire() as conn:
         return await verify_log(conn, pem, dsn=dsn, workers=workers)
+
+
+async def test_heads_signed_before_and_after_a_key_rotation_verify_with_both_keys(
+    log: Assembly, producer: aioredis.Redis, tmp_path: Path
+) -> None:
+    from audit_worker.crypto import LocalSigner
+    from audit_worker.db.store import StoredTreeHead
+
+    old_key = log.worker.signer.public_key_pem()
+    await producer.xadd(log.worker.intake.stream, {"event": encode(make_event(999))})
+    await drain(log, idle_rounds=1)
+    # a worker restarted with the rotated key signs the next head
+    rotated = LocalSigner(tmp_path / "rotated.pem", create=True)
+    frontier = log.worker.frontier
+    head = TreeHead("audit-log", frontier.size, frontier.root(), 1_900_000_000_000)
+    await log.worker.store.insert_tree_head(
+        StoredTreeHead(
+            head.tree_size, head.root_hash, head.timestamp_ms, head.log_id,
+            rotated.sign(head.signing_input()), rotated.ref,
+        ),
+        frontier,
+    )
+    new_key = rotated.public_key_pem()
+    async with log.pool.acquire() as conn:
+        only_old = await verify_log(conn, old_key)
+        both = await verify_log(conn, [old_key, new_key])
+    assert [(f.kind, f.tree_size) for f in only_old.findings] == [
+        ("bad_signature", EVENTS + 1), ("unsigned_tail", None),
+    ]
+    assert both.ok and both.verified_size == EVENTS + 1
