@@ -183,7 +183,13 @@ def migrate(
 
 @app.command()
 def verify(
-    public_key: Annotated[Path, typer.Option(help="PEM public key of the tree-head signer")],
+    public_key: Annotated[
+        list[Path],
+        typer.Option(
+            help="PEM public key of the tree-head signer; repeat it for each key the log was "
+            "signed with across a key rotation"
+        ),
+    ],
     database_url: DbOpt = None,
     log_id: str | None = typer.Option(None, help="expected log id in every tree head"),
     allow_unsigned_tail: bool = typer.Option(
@@ -198,16 +204,18 @@ def verify(
     from audit_worker.verify import verify_log
 
     url = _need_db(database_url)
-    try:
-        pem = public_key.read_bytes()
-    except OSError as exc:
-        raise _fail(f"cannot read public key {public_key}: {exc.strerror}") from None
+    pems = []
+    for path in public_key:
+        try:
+            pems.append(path.read_bytes())
+        except OSError as exc:
+            raise _fail(f"cannot read public key {path}: {exc.strerror}") from None
 
     async def go() -> Any:
         conn = await asyncpg.connect(url)
         try:
             return await verify_log(
-                conn, pem, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail,
+                conn, pems, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail,
                 dsn=url, workers=workers,
             )
         finally:

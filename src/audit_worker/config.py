@@ -74,6 +74,11 @@ class WorkerSettings(BaseSettings):
     breaker_reset_seconds: float = Field(default=2.0, gt=0, le=300)
     # Gauges refreshed in the background (stream lag and pending, newest tree head).
     stats_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Housekeeping: monthly partitions kept ahead, and stream entries trimmed once they are
+    # acknowledged and older than the retention (raw events hold identifiers: GDPR storage
+    # limitation). 0 keeps the stream untrimmed.
+    maintenance_interval_seconds: float = Field(default=3600.0, gt=0, le=86_400)
+    stream_retention_seconds: float = Field(default=3600.0, ge=0)
     # Liveness fails when the main loop has not moved for this long (a wedged process).
     liveness_stall_seconds: float = Field(default=120.0, ge=5, le=3600)
     # HTTP intake (POST /v1/events): bearer tokens, comma-separated; none = intake off.

@@ -37,6 +37,19 @@ def _entry(
     return StreamEntry(eid, (fields or {}).get(EVENT_FIELD), deliveries)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: tuple[int, int]) -> tuple[int, int]:
+    return entry_id[0], entry_id[1] + 1
+
+
 class StreamIntake:
     """One consumer of the worker group. The Redis client must not decode responses."""
 
@@ -144,6 +157,26 @@ class StreamIntake:
                     maxlen=1_000_000, approximate=True,
                 )
             await pipe.execute()
+
+    async def trim(self, retention_ms: int, now_ms: int) -> int:
+        """Drop entries that the group has acknowledged and that are older than the
+        retention; entries still pending or not yet delivered are never trimmed.
+        Returns how many were removed. Assumes this group is the stream's only reader."""
+        groups = await self.redis.xinfo_groups(self.stream)
+        ours = [g for g in groups if _text(g["name"]) == self.group]
+        if not ours:
+            return 0
+        # Everything up to the last delivered entry and before the oldest pending one is
+        # acknowledged; the first entry to keep is the smaller of the two bounds.
+        keep_from = _next_id(_id(_text(ours[0]["last-delivered-id"])))
+        summary = await self.redis.xpending(self.stream, self.group)
+        if summary.get("pending"):
+            keep_from = min(keep_from, _id(_text(summary["min"])))
+        cutoff = min(keep_from, (now_ms - retention_ms, 0))
+        if cutoff <= (0, 0):
+            return 0
+        minid = f"{cutoff[0]}-{cutoff[1]}"
+        return int(await self.redis.xtrim(self.stream, minid=minid, approximate=False))
 
     async def backlog(self) -> tuple[int, int]:
         """(lag, pending): entries not yet delivered to the group, and delivered but unacked."""

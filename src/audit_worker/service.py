@@ -71,7 +71,7 @@ from audit_worker.resilience import (
     sleep_or_stop,
 )
 from audit_worker.slots import UNGATED, SlotDecision, SlotGate
-from audit_worker.worker import BatchResult, CommittedBatch, Worker
+from audit_worker.worker import BatchResult, CommittedBatch, Triaged, Worker
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -292,6 +292,7 @@ class Service:
                 loop.add_signal_handler(sig, self._signalled, sig, stop)
         http = await self._start_http() if self.serve_http else None
         stats = asyncio.create_task(self._stats_loop(stop), name="audit-stats")
+        maintenance = asyncio.create_task(self._maintenance_loop(stop), name="audit-maintenance")
         worker: Worker | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -304,7 +305,8 @@ class Service:
             self.status.phase = "stopped"
             stop.set()
             stats.cancel()
-            await asyncio.gather(stats, return_exceptions=True)
+            maintenance.cancel()
+            await asyncio.gather(stats, maintenance, return_exceptions=True)
             if http is not None:
                 await self._stop_http(*http)
             await self.redis.aclose()
@@ -451,35 +453,63 @@ class Service:
                 intake.replay_own_backlog()
                 raise
 
-        while not stop.is_set():
-            self.status.beat()
-            if self._integrity_exc is not None:
-                await stop.wait()
-                return
-            decision = await self._check_slot(stop)
-            if decision is None:
-                return
-            if not decision.active:
-                await sleep_or_stop(stop, s.slot_poll_seconds)
-                continue
-            try:
-                entries = await self._retry(read, ("redis",), stop)
-            except Exception:
-                if stop.is_set():
+        # One batch commits while the next is read and triaged: the CPU work of a batch
+        # overlaps the database's work on the previous one.
+        inflight: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                self.status.beat()
+                if self._integrity_exc is not None:
+                    await stop.wait()
                     return
-                raise
-            if not entries:
-                continue
-            await self._process(worker, entries)
+                decision = await self._check_slot(stop)
+                if decision is None:
+                    break
+                if not decision.active:
+                    if inflight is not None:
+                        await inflight
+                        inflight = None
+                    await sleep_or_stop(stop, s.slot_poll_seconds)
+                    continue
+                try:
+                    entries = await self._retry(read, ("redis",), stop)
+                except Exception:
+                    if stop.is_set():
+                        break
+                    raise
+                if not entries:
+                    if inflight is not None:
+                        await inflight
+                        inflight = None
+                    continue
+                try:
+                    triaged: Triaged | None = worker.triage(entries)
+                except Exception:
+                    triaged = None  # e.g. KMS down at a key rotation: commit retries it
+                if inflight is not None:
+                    await inflight
+                    inflight = None
+                if self._integrity_exc is not None:
+                    continue  # the writer halted while this batch was being read
+                inflight = asyncio.create_task(self._process(worker, entries, triaged))
+            if inflight is not None:
+                await inflight
+        except asyncio.CancelledError:
+            if inflight is not None and not inflight.done():
+                inflight.cancel()
+                await asyncio.gather(inflight, return_exceptions=True)
+            raise
 
-    async def _process(self, worker: Worker, entries: list[Any]) -> None:
+    async def _process(
+        self, worker: Worker, entries: list[Any], triaged: Triaged | None = None
+    ) -> None:
         """Commit and acknowledge one batch, retrying until it is done (the grace
         deadline on shutdown cancels it; its entries then stay pending)."""
         self.metrics.events_received.inc(len(entries))
         started = time.perf_counter()
         try:
             committed: CommittedBatch = await self._retry(
-                lambda: worker.commit(entries), ("postgres",), None
+                lambda: worker.commit(entries, triaged), ("postgres",), None
             )
         except INTEGRITY_FAILURES as exc:
             self._halt(exc)
@@ -605,6 +635,34 @@ class Service:
             return
         if row is not None:
             self.metrics.note_tree_head(row["tree_size"], row["timestamp_ms"])
+
+    async def maintain(self) -> None:
+        """Keep monthly partitions ahead (a worker may run for months) and trim the
+        acknowledged part of the stream. Best effort: the next round retries."""
+        parts = self.parts
+        if parts is None:
+            return
+        try:
+            async with parts.pool.acquire(timeout=5) as conn:
+                await conn.execute("SELECT audit.ensure_partitions(2)", timeout=30)
+        except Exception as exc:
+            log.warning("partitions not checked", error=describe_error(exc))
+        retention = self.settings.stream_retention_seconds
+        if retention <= 0:
+            return
+        try:
+            trimmed = await parts.worker.intake.trim(int(retention * 1000), int(time.time() * 1000))
+        except Exception as exc:
+            log.warning("stream not trimmed", error=describe_error(exc))
+        else:
+            if trimmed:
+                log.info("acknowledged stream entries trimmed", entries=trimmed)
+
+    async def _maintenance_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await sleep_or_stop(stop, self.settings.maintenance_interval_seconds)
+            if not stop.is_set():
+                await self.maintain()
 
     async def _stats_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

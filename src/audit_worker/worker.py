@@ -28,6 +28,8 @@ from audit_worker.intake import StreamEntry, StreamIntake
 from audit_worker.merkle import CompactRange
 from audit_worker.records import PreparedEvent, RecordBuilder
 
+# What `Worker.triage` makes of a batch: the events to append, the dead letters, the key.
+Triaged = tuple[list[PreparedEvent], list[DeadLetter], DataKey]
 
 @dataclass
 class BatchResult:
@@ -101,9 +103,7 @@ class Worker:
             key.key_id if sealed is not None else None,
         )
 
-    def triage(
-        self, entries: list[StreamEntry]
-    ) -> tuple[list[PreparedEvent], list[DeadLetter], DataKey]:
+    def triage(self, entries: list[StreamEntry]) -> Triaged:
         """Parse and seal a batch: CPU only, no I/O."""
         key = self.data_keys.current()
         prepared: list[PreparedEvent] = []
@@ -129,13 +129,17 @@ class Worker:
         self.data_keys.note_use(len(entries))
         return prepared, dead, key
 
-    async def commit(self, entries: list[StreamEntry]) -> CommittedBatch:
+    async def commit(
+        self, entries: list[StreamEntry], triaged: Triaged | None = None
+    ) -> CommittedBatch:
         """Validate, seal and append one batch in one transaction. Raises on database or key
-        failure with nothing stored; may be called again with the same entries."""
+        failure with nothing stored; may be called again with the same entries. `triaged`
+        is `triage(entries)` when the caller already did it (while the previous batch was
+        committing)."""
         result = BatchResult(read=len(entries))
         if not entries:
             return CommittedBatch([], [], result)
-        prepared, dead, key = self.triage(entries)
+        prepared, dead, key = triaged if triaged is not None else self.triage(entries)
         new_keys = [] if key.key_id in self._persisted_keys else [key]
         appended = await self.store.append(self.frontier, prepared, dead, new_keys)
         self.frontier = appended.frontier
@@ -172,8 +176,11 @@ class Worker:
         return batch.result
 
     async def sign_tree_head(self, *, force: bool = False) -> StoredTreeHead | None:
-        """Sign the current tree if it grew since the last head (or always, with force)."""
-        frontier = self.frontier.copy()
+        """Sign the current tree if it grew since the last head (or always, with force).
+
+        The tree is first caught up with rows other workers committed, so a worker never
+        signs a smaller tree after a larger one was signed (e.g. a freshly started slot)."""
+        frontier = await self.store.catch_up(self.frontier)
         if frontier.size == self._last_signed_size and not force:
             return None
         head = TreeHead(

@@ -108,6 +108,13 @@ class LogStore:
                 )
             frontier.append(bytes(row["leaf_hash"]))
 
+    async def catch_up(self, frontier: CompactRange) -> CompactRange:
+        """A copy of `frontier` extended with the rows committed since (by any worker)."""
+        fresh = frontier.copy()
+        async with self.pool.acquire() as conn:
+            await self._catch_up(conn, fresh)
+        return fresh
+
     async def load_frontier(self) -> CompactRange:
         """Resume from the newest tree head's compact range, then catch up with the rows."""
         async with self.pool.acquire() as conn:

@@ -143,3 +143,21 @@ async def test_worker_role_cannot_update_or_delete(parts: Assembly, fresh_databa
             raise AssertionError(f"writer role was allowed: {statement}")
     finally:
         await conn.close()
+
+
+async def test_trim_drops_only_acknowledged_entries_past_retention(
+    parts: Assembly, producer: aioredis.Redis
+) -> None:
+    import time
+
+    intake = parts.worker.intake
+    await _xadd(producer, intake.stream, [encode(make_event(i)) for i in range(50)])
+    assert await drain(parts) == 50
+    await _xadd(producer, intake.stream, [encode(make_event(i)) for i in range(50, 60)])
+    # read but not acknowledged: these must survive any trim
+    await producer.xreadgroup(intake.group, "slow-consumer", {intake.stream: ">"}, count=5)
+    now = int(time.time() * 1000)
+    assert await intake.trim(retention_ms=3_600_000, now_ms=now) == 0  # all younger than 1 h
+    assert await intake.trim(retention_ms=0, now_ms=now) == 50
+    assert await producer.xlen(intake.stream) == 10
+    assert (await intake.backlog())[1] == 5

@@ -56,3 +56,15 @@ async def test_restarted_worker_resumes_from_its_last_tree_head(
         async with again.pool.acquire() as conn:
             report = await verify_log(conn, again.worker.signer.public_key_pem())
     assert report.ok and report.verified_size == 350
+
+
+async def test_a_worker_behind_the_log_signs_the_current_tree_not_its_stale_view(
+    settings: WorkerSettings, producer: aioredis.Redis
+) -> None:
+    second = settings.model_copy(update={"consumer_name": "w2"})
+    async with running_parts(settings) as a, running_parts(second) as b:
+        await produce(producer, settings.stream, 200)
+        await drain(a)
+        assert b.worker.frontier.size == 0  # b has not appended anything yet
+        head = await b.worker.sign_tree_head()
+    assert head is not None and head.tree_size == 200
