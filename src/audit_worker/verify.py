@@ -53,7 +53,7 @@ _CHECKED = (
     ("recorded", f"'\"' || to_char(recorded AT TIME ZONE 'UTC', {_ISO_MS}) || '\"'"),
 )
 _SELECT_ROWS = (
-    "SELECT log_index, recorded, leaf_data, leaf_hash, convert_to(concat_ws(E'\\n', "
+    "SELECT log_index, leaf_data, leaf_hash, convert_to(concat_ws(E'\\n', "
     + ", ".join(f"',\"{key}\":' || {expr} || ','" for key, expr in _CHECKED)
     + "), 'UTF8') AS fragments FROM audit.events"
 )
@@ -175,27 +175,19 @@ async def _pages(
     lo: int,
     hi: int,
 ) -> None:
-    """Fetch keyset pages of [lo, hi) ahead of the checker, so the server renders the next
-    page while this process hashes the current one. Duplicate indices still come through.
+    """Fetch [lo, hi) in pages of _PAGE indices, ahead of the checker, so the server renders
+    the next page while this process hashes the current one. Pages are index ranges, not
+    row counts, so every row of an index comes in the same page, duplicates included.
     A failure is handed to the consumer rather than leaving it waiting."""
     try:
-        rows = await conn.fetch(
-            f"{_SELECT_ROWS} WHERE log_index >= $2 AND log_index < $3"
-            " ORDER BY log_index, recorded LIMIT $1",
-            _PAGE,
-            lo,
-            hi,
-        )
-        while rows:
-            await queue.put(rows)
+        for start in range(lo, hi, _PAGE):
             rows = await conn.fetch(
-                f"{_SELECT_ROWS} WHERE log_index < $3 AND (log_index, recorded) > ($2, $4)"
-                " ORDER BY log_index, recorded LIMIT $1",
-                _PAGE,
-                rows[-1]["log_index"],
-                hi,
-                rows[-1]["recorded"],
+                f"{_SELECT_ROWS} WHERE log_index >= $1 AND log_index < $2 ORDER BY log_index",
+                start,
+                min(start + _PAGE, hi),
             )
+            if rows:
+                await queue.put(rows)
         await queue.put(None)
     except BaseException as exc:
         await queue.put(exc)
@@ -354,8 +346,20 @@ class _Assembler:
         self.out = out
         self.left = CompactRange()  # perfect subtrees of the complete chunks so far
         self.broken = False
+        self.next_lo = 0  # where the next chunk should start
 
     def add(self, chunk: _Chunk) -> None:
+        if chunk.lo > self.next_lo:
+            missing = chunk.lo - self.next_lo
+            self.out.add(
+                Finding(
+                    "deleted_row",
+                    f"{missing} row(s) missing at index {self.next_lo}..{chunk.lo - 1}",
+                    index=self.next_lo,
+                )
+            )
+            self.broken = True
+        self.next_lo = chunk.hi
         for finding in chunk.findings:
             self.out.add(finding)
         self.out.report.rows += chunk.rows
@@ -389,15 +393,26 @@ class _Assembler:
             self.out.report.verified_size = size
 
 
-def _chunks(end: int, roots: dict[int, bytes]) -> list[tuple[int, int, list[int]]]:
+async def _plan_chunks(
+    conn: asyncpg.Connection, end: int, roots: dict[int, bytes]
+) -> list[tuple[int, int, list[int]]]:
     """Aligned ranges of _CHUNK indices (a power of two, so each complete chunk is one
-    perfect subtree), with the signed sizes that fall inside each."""
+    perfect subtree) that hold rows, with the signed sizes that fall inside each. Empty
+    regions are skipped by seeking the next stored index, so a forged row at a huge index
+    costs one seek, not billions of empty ranges."""
     sizes = sorted(roots)
-    out = []
-    for lo in range(0, end, _CHUNK):
+    plan = []
+    lo = 0
+    while lo < end:
         hi = min(lo + _CHUNK, end)
-        out.append((lo, hi, [s for s in sizes if lo < s <= hi]))
-    return out
+        plan.append((lo, hi, [s for s in sizes if lo < s <= hi]))
+        following = await conn.fetchval(
+            "SELECT min(log_index) FROM audit.events WHERE log_index >= $1", hi
+        )
+        if following is None:
+            break
+        lo = max(hi, following - following % _CHUNK)
+    return plan
 
 
 async def _check_all(
@@ -417,7 +432,7 @@ async def _check_all(
         out.add(Finding("reordered_row", f"a row claims the impossible index {low}", index=low))
     end = int(high) + 1
     assembler = _Assembler(roots, out)
-    plan = _chunks(end, roots)
+    plan = await _plan_chunks(conn, end, roots)
     if dsn and workers > 1 and len(plan) > 1:
         snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
         loop = asyncio.get_running_loop()

@@ -280,3 +280,23 @@ async def test_heads_signed_before_and_after_a_key_rotation_verify_with_both_key
         ("bad_signature", EVENTS + 1), ("unsigned_tail", None),
     ]
     assert both.ok and both.verified_size == EVENTS + 1
+
+
+async def test_forged_row_at_a_huge_index_is_found_without_scanning_the_gap(
+    log: Assembly,
+) -> None:
+    import time
+
+    wild = 10**12
+    await _tamper(
+        log,
+        "INSERT INTO audit.events SELECT "
+        f"{wild}, event_id, recorded, occurred, action, outcome, patient_hmac, actor_hmac,"
+        " data_key_id, leaf_data, leaf_hash FROM audit.events WHERE log_index = 0",
+    )
+    started = time.perf_counter()
+    report = await _verify(log)
+    assert time.perf_counter() - started < 10
+    found = {(f.kind, f.index) for f in report.findings}
+    assert ("deleted_row", EVENTS) in found and ("reordered_row", wild) in found
+    assert report.verified_size == EVENTS
