@@ -220,6 +220,7 @@ pulumi.export("workerRoleArn", cluster.worker_role_arn)
 
 pulumi.export("releaseName", workload.release_name)
 pulumi.export("connectionsSecretName", workload.connections_secret)
+pulumi.export("migrationSecretName", workload.migration_secret)  # created by the operator
 pulumi.export("activeSlot", active_slot)
 pulumi.export("slotImages", {"blue": blue_image, "green": green_image})
 pulumi.export("imageRepository", settings.worker.image_repository)

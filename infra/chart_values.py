@@ -7,6 +7,18 @@ calls it inside an ``Output.apply`` once the ARNs, names and CIDRs it needs are 
 The result is merged by Helm over the chart's own ``values.yaml``: keys that are left out
 (startup probe, metrics, DNS egress, ...) keep the chart's defaults.
 
+Secrets: the worker reads ``audit-worker-connections`` (written by ``infra/workload.py``).
+The migration Job reads ``migration-database-url`` from ``audit-worker-migration``, a Secret
+that Pulumi never creates, reads or manages: it holds a URL of the login that owns schema
+``audit``, which the operator creates once per database with the RDS master credentials
+(docs/guides/migration-guide.md, "Running migrations on AWS"). Keeping it out of the
+Pulumi-managed Secret keeps it out of Pulumi state, where a managed Secret's live data is
+recorded on every update and refresh. The HTTP intake stays off (``secrets.intakeTokensKey``
+empty): producers in the cloud environments use the Redis stream.
+
+Network policy: port 8080 admits the pods of ``worker.ingress_namespaces`` and
+``worker.ingress_pods`` (Prometheus in ``monitoring`` by default) and nothing else.
+
 Blue-green: the active slot runs the environment's replica count (in DR: one replica for a
 pilot light, prod's count for a warm standby); the idle slot runs ``preview_replicas``, 0 at
 rest, set by the release workflow while a new version is previewed or while the old one is
@@ -25,6 +37,8 @@ from infra.settings import EnvironmentSettings
 __all__ = [
     "CONNECTIONS_SECRET",
     "DATABASE_URL_KEY",
+    "MIGRATION_DATABASE_URL_KEY",
+    "MIGRATION_SECRET",
     "REDIS_URL_KEY",
     "RELEASE_NAME",
     "SLOTS",
@@ -39,6 +53,9 @@ RELEASE_NAME = "audit-worker"
 CONNECTIONS_SECRET = "audit-worker-connections"
 DATABASE_URL_KEY = "database-url"
 REDIS_URL_KEY = "redis-url"
+MIGRATION_SECRET = "audit-worker-migration"
+"""Created once by the operator, never by Pulumi: it holds MIGRATION_DATABASE_URL_KEY."""
+MIGRATION_DATABASE_URL_KEY = "migration-database-url"
 SLOTS: tuple[str, str] = ("blue", "green")
 FAILURE_THRESHOLD = 3
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -138,6 +155,9 @@ def chart_values(
             "existingSecret": CONNECTIONS_SECRET,
             "databaseUrlKey": DATABASE_URL_KEY,
             "redisUrlKey": REDIS_URL_KEY,
+            "migrationSecret": MIGRATION_SECRET,
+            "migrationDatabaseUrlKey": MIGRATION_DATABASE_URL_KEY,
+            "intakeTokensKey": "",  # HTTP intake off: producers use the Redis stream
         },
         "serviceAccount": {
             "create": True,
@@ -178,6 +198,11 @@ def chart_values(
         },
         "networkPolicy": {
             "enabled": True,
+            "ingress": {
+                "namespaces": list(dict.fromkeys(w.ingress_namespaces)),
+                "pods": [{"namespace": pod.namespace, "matchLabels": dict(pod.match_labels)}
+                         for pod in w.ingress_pods],
+            },
             "egress": {
                 "postgresCidrs": list(dict.fromkeys(bindings.postgres_cidrs)),
                 "redisCidrs": list(dict.fromkeys(bindings.redis_cidrs)),

@@ -11,6 +11,9 @@
   this password and grants it ``audit_writer``, the NOLOGIN role of migration 0001 (SELECT
   and INSERT only). In DR the replica already has the role, so the DR stack passes prod's
   worker password in (`DatabaseArgs.worker_password`).
+- Migrations run as a third login that owns schema ``audit``, created by the same bootstrap
+  and stored by the operator in the Kubernetes Secret ``audit-worker-migration``; Pulumi never
+  sees its password (see `infra.workload`).
 - Prod and DR: multi-AZ, deletion protection, a final snapshot, and ``protect`` in Pulumi.
 """
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_INGRESS_NAMESPACES",
     "ENVIRONMENTS_DIR",
     "ENVIRONMENT_NAMES",
     "HEALTH_CHECKS",
@@ -41,6 +42,7 @@ __all__ = [
     "DnsFailoverSettings",
     "DrSettings",
     "EnvironmentSettings",
+    "IngressPodSettings",
     "KeySettings",
     "LocalSettings",
     "NetworkSettings",
@@ -69,6 +71,12 @@ MonitoringLevel = Literal["standard", "enhanced", "comprehensive", "critical"]
 _AWS_REGION = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 _K8S_CPU = r"^\d+(\.\d+)?m?$"
 _K8S_MEMORY = r"^\d+(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+_K8S_NAMESPACE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_K8S_LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?" \
+                 r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+_K8S_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+DEFAULT_INGRESS_NAMESPACES: tuple[str, ...] = ("monitoring",)
+"""Namespaces admitted to the worker's port 8080 when an environment lists none: Prometheus."""
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -267,8 +275,31 @@ class ClusterSettings(_Model):
         return self
 
 
+class IngressPodSettings(_Model):
+    """Pods admitted to the worker's port 8080: a label selector in one namespace."""
+
+    namespace: str = Field(
+        pattern=_K8S_NAMESPACE,
+        description="Namespace of the pods (by name); the release's own namespace is 'audit'.")
+    match_labels: dict[str, str] = Field(min_length=1)
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [f"{k}={v}" for k, v in value.items()
+               if not re.match(_K8S_LABEL_KEY, k) or not re.match(_K8S_LABEL_VALUE, v)]
+        if bad:
+            raise ValueError(f"not Kubernetes labels: {', '.join(bad)}")
+        return value
+
+
 class WorkerSettings(_Model):
-    """The audit worker Deployment (both blue-green slots) and its release behaviour."""
+    """The audit worker Deployment (both blue-green slots) and its release behaviour.
+
+    ``ingress_namespaces`` and ``ingress_pods`` are everything the chart's default-deny
+    NetworkPolicy admits to port 8080 (metrics, health, HTTP intake). Every pod of a listed
+    namespace is admitted; ``ingress_pods`` admits only the pods a selector matches.
+    """
 
     image_repository: str = Field(min_length=1)
     log_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -285,6 +316,21 @@ class WorkerSettings(_Model):
     shutdown_grace_seconds: int = Field(ge=1, le=600)
     auto_promote: bool
     scale_down_delay_seconds: int = Field(default=30, ge=0, le=86_400)
+    ingress_namespaces: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_INGRESS_NAMESPACES),
+        description="Namespaces whose pods may reach port 8080: monitoring, then producers'.")
+    ingress_pods: list[IngressPodSettings] = Field(default_factory=list)
+
+    @field_validator("ingress_namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        bad = [n for n in value if not re.match(_K8S_NAMESPACE, n)]
+        if bad:
+            raise ValueError(f"not namespace names: {', '.join(bad)}")
+        repeated = sorted({n for n in value if value.count(n) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return value
 
     @model_validator(mode="after")
     def _bounds(self) -> WorkerSettings:

@@ -4,6 +4,15 @@ The chart holds no secret values. The database and Redis URLs (with the worker's
 and the Redis AUTH token) go into the Secret ``audit-worker-connections``, built here from
 the other layers' outputs and marked secret, so they are encrypted in Pulumi state and never
 shown. The release's values come from `infra.chart_values.chart_values`.
+
+The migration Job needs a login that owns schema ``audit`` (the worker's login holds only
+``audit_writer``). This program does not build that URL: the only owner it knows is the RDS
+master user, whose password RDS keeps (and rotates) in Secrets Manager; reading it here
+would put it into Pulumi state, through the Secret's inputs and the live data recorded as
+its outputs. The operator creates the Secret ``audit-worker-migration`` (key
+``migration-database-url``) once per database instead, and Pulumi never manages it, so it
+stays out of state; see docs/guides/migration-guide.md, "Running migrations on AWS". Until it
+exists, the Job fails at once with a message naming the Secret and the key.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import pulumi_kubernetes as k8s
 from infra.chart_values import (
     CONNECTIONS_SECRET,
     DATABASE_URL_KEY,
+    MIGRATION_SECRET,
     REDIS_URL_KEY,
     RELEASE_NAME,
     WorkerBindings,
@@ -66,6 +76,8 @@ class Workload(pulumi.ComponentResource):
     active_service: str
     preview_service: str
     connections_secret: str
+    migration_secret: str
+    """Created by the operator, never by this program (see the module docstring)."""
     values: pulumi.Output[dict[str, Any]]
 
     def __init__(self, name: str, args: WorkloadArgs,
@@ -124,6 +136,7 @@ class Workload(pulumi.ComponentResource):
         self.active_service = services["active"]
         self.preview_service = services["preview"]
         self.connections_secret = CONNECTIONS_SECRET
+        self.migration_secret = MIGRATION_SECRET
 
         self.register_outputs({
             "releaseName": self.release_name,

@@ -17,7 +17,8 @@ health-checks          ``probes`` of each environment, ``infra.chart_values.char
                        (which checks the kubelet runs), the worker's budgets
                        (``audit_worker.health``) and ``audit-worker health`` timeouts
 worker-settings        ``audit_worker.config.WorkerSettings`` and the variables the Helm
-                       chart sets (``charts/audit-worker/templates/_helpers.tpl``)
+                       chart sets (``charts/audit-worker/templates/_helpers.tpl``), reads
+                       from an optional Secret key, or accepts in ``extraEnv``
 resilience-settings    the same, for the retry, breaker and delivery settings
 metrics                the registry of ``audit_worker.metrics.Metrics``
 alerts                 ``docs/monitoring/prometheus-rules.yaml``
@@ -222,6 +223,37 @@ def chart_variables() -> set[str]:
     return names
 
 
+def optional_secret_variables() -> dict[str, str]:
+    """AUDIT_* variables the chart reads from a Secret key only if it exists: name -> value."""
+    text = HELPERS_TPL.read_text()
+    for template in HELPERS_TPL.parent.glob("*.yaml"):
+        text += template.read_text()
+    found = re.findall(
+        r"name: (AUDIT_[A-Z0-9_]+)\n\s+valueFrom:\n\s+secretKeyRef:\n\s+name: .*\n"
+        r"\s+key: \{\{ \.Values\.([A-Za-z.]+) \| quote \}\}\n\s+optional: true", text)
+    return dict(found)
+
+
+def reserved_variables() -> set[str]:
+    """AUDIT_* variables the chart's ``extraEnv`` refuses (``audit-worker.reservedEnv``)."""
+    block = re.search(r'define "audit-worker.reservedEnv" -}}(.*?){{- end }}',
+                      HELPERS_TPL.read_text(), re.DOTALL)
+    return set(re.findall(r"^(AUDIT_[A-Z0-9_]+):", block.group(1), re.MULTILINE)) if block \
+        else set()
+
+
+def _chart_column(variable: str) -> str:
+    """How a worker setting gets into the pods the chart renders."""
+    optional = optional_secret_variables()
+    if variable in optional:
+        return f"from the Secret if `{optional[variable]}` is set and the key exists"
+    if variable in chart_variables():
+        return "yes"
+    if variable in reserved_variables():
+        return "no"
+    return "via `extraEnv`"
+
+
 def _bounds(field: Any) -> str:
     parts = []
     for meta in field.metadata:
@@ -250,7 +282,6 @@ def _settings_rows(names: list[str] | None) -> list[list[str]]:
 
     from audit_worker.config import WorkerSettings
 
-    in_chart = chart_variables()
     rows = []
     for name, field in WorkerSettings.model_fields.items():
         if names is not None and name not in names:
@@ -262,7 +293,7 @@ def _settings_rows(names: list[str] | None) -> list[list[str]]:
             if typing.get_origin(arg) is typing.Literal:
                 allowed = " / ".join(f"`{a}`" for a in typing.get_args(arg))
         rows.append([f"`{variable}`", _default(field), allowed or _bounds(field),
-                     "yes" if variable in in_chart else "no"])
+                     _chart_column(variable)])
     return rows
 
 

@@ -16,6 +16,7 @@ each values file is rendered once for the whole module.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -797,3 +798,219 @@ def test_optional_branches_validate_strictly(extra: tuple[str, ...]) -> None:
     if "podDisruptionBudget.minAvailable=50%" in extra:
         pdb = by_name(docs, "PodDisruptionBudget")[f"{RELEASE}-blue"]
         assert pdb["spec"]["minAvailable"] == "50%"
+
+
+# --------------------------------------------------------------------------- migration login
+
+
+MIGRATING_ENVIRONMENTS = [env for env in ENVIRONMENTS if merged_values(env)["migration"]["enabled"]]
+
+
+def secret_ref(c: Manifest, variable: str = "AUDIT_DATABASE_URL") -> Any:
+    return env_map(c)[variable]["secretKeyRef"]
+
+
+def init_container(job: Manifest) -> Manifest:
+    (init,) = job["spec"]["template"]["spec"]["initContainers"]
+    result: Manifest = init
+    return result
+
+
+@pytest.mark.parametrize("env", MIGRATING_ENVIRONMENTS)
+def test_migration_job_connects_with_the_migration_key_and_workers_with_theirs(env: str) -> None:
+    """The worker's login holds only audit_writer (SELECT, INSERT): it cannot migrate."""
+    secret = merged_values(env)["secrets"]["existingSecret"]
+    _, docs = render(env)
+    (job,) = of_kind(docs, "Job")
+    assert secret_ref(container(job)) == {"name": secret, "key": "migration-database-url"}
+    for slot in SLOTS:
+        assert secret_ref(container(deployment(docs, slot))) == {
+            "name": secret, "key": "database-url"}
+
+
+def test_migration_secret_and_key_can_be_chosen() -> None:
+    _, docs = render("prod", "--set", "secrets.migrationSecret=audit-worker-migration",
+                     "--set", "secrets.migrationDatabaseUrlKey=owner-url")
+    (job,) = of_kind(docs, "Job")
+    owner = {"name": "audit-worker-migration", "key": "owner-url"}
+    assert secret_ref(container(job)) == owner
+    assert secret_ref(init_container(job)) == {**owner, "optional": True}
+    assert "audit-worker-migration" not in yaml.safe_dump([deployment(docs, s) for s in SLOTS])
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("env", MIGRATING_ENVIRONMENTS)
+def test_migration_job_checks_its_key_before_migrating(env: str) -> None:
+    secret = merged_values(env)["secrets"]["existingSecret"]
+    _, docs = render(env)
+    (job,) = of_kind(docs, "Job")
+    init = init_container(job)
+    assert init["name"] == "check-migration-secret"
+    assert init["image"] == container(job)["image"]
+    assert init["command"][:2] == ["/bin/sh", "-c"]
+    assert [e["name"] for e in init["env"]] == ["AUDIT_DATABASE_URL"]
+    assert secret_ref(init) == {"name": secret, "key": "migration-database-url", "optional": True}
+    assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    sc = init["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["runAsNonRoot"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    # The Job itself must not wait for the key: only the check reads it optionally.
+    assert "optional" not in secret_ref(container(job))
+
+
+def _run_check(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=10, check=False)
+
+
+def test_migration_check_fails_with_a_message_naming_secret_and_key() -> None:
+    _, docs = render("prod", "--set", "secrets.migrationSecret=audit-worker-migration")
+    (job,) = of_kind(docs, "Job")
+    script = init_container(job)["command"][2]
+
+    missing = _run_check(script)
+    assert missing.returncode == 1
+    assert ('Secret "audit-worker-migration" in namespace "audit" has no key '
+            '"migration-database-url"') in missing.stderr
+    assert "docs/guides/migration-guide.md" in missing.stderr
+    assert (REPO / "docs" / "guides" / "migration-guide.md").exists()
+    assert _run_check(script, AUDIT_DATABASE_URL="").returncode == 1
+    present = _run_check(script, AUDIT_DATABASE_URL="postgresql://owner@db:5432/audit")
+    assert (present.returncode, present.stdout, present.stderr) == (0, "", "")
+
+
+# --------------------------------------------------------------------------- HTTP intake
+
+
+def test_intake_tokens_are_not_read_by_default() -> None:
+    _, docs = render("prod")
+    for owner in [*of_kind(docs, "Deployment"), *of_kind(docs, "Job")]:
+        assert "AUDIT_INTAKE_TOKENS" not in env_map(container(owner))
+
+
+def test_intake_tokens_come_from_an_optional_key_of_the_existing_secret() -> None:
+    secret = merged_values("prod")["secrets"]["existingSecret"]
+    _, docs = render("prod", "--set", "secrets.intakeTokensKey=intake-tokens")
+    for slot in SLOTS:
+        env_vars = env_map(container(deployment(docs, slot)))
+        assert set(env_vars) == WORKER_ENV | {"AUDIT_INTAKE_TOKENS"}
+        # optional: a Secret without the key starts the worker with the intake off.
+        assert env_vars["AUDIT_INTAKE_TOKENS"] == {"secretKeyRef": {
+            "name": secret, "key": "intake-tokens", "optional": True}}
+    (job,) = of_kind(docs, "Job")
+    assert "AUDIT_INTAKE_TOKENS" not in env_map(container(job))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[0], strict=True)
+
+
+def test_schema_rejects_a_bad_intake_tokens_key() -> None:
+    err = render_error("dev", "--set", "secrets.intakeTokensKey=bad key!")
+    assert "intakeTokensKey" in err
+
+
+# --------------------------------------------------------------------------- extraEnv
+
+
+EXTRA_ENV = {
+    "AUDIT_RETRY_INITIAL_SECONDS": 0.25,
+    "AUDIT_RETRY_MAX_SECONDS": 5,
+    "AUDIT_INTAKE_MAX_BODY_BYTES": 2097152,
+    "AUDIT_SLOT_BOOTSTRAP": True,
+    "AUDIT_LOG_LEVEL": "warning",
+}
+EXTRA_ENV_RENDERED = {
+    "AUDIT_RETRY_INITIAL_SECONDS": "0.25",
+    "AUDIT_RETRY_MAX_SECONDS": "5",
+    "AUDIT_INTAKE_MAX_BODY_BYTES": "2097152",
+    "AUDIT_SLOT_BOOTSTRAP": "true",
+    "AUDIT_LOG_LEVEL": "warning",
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--set-json", "extraEnv=" + json.dumps(EXTRA_ENV)),
+        tuple(arg for name, value in EXTRA_ENV.items()
+              for arg in ("--set", f"extraEnv.{name}={str(value).lower()}")),
+    ],
+    ids=["json-values", "set-values"],
+)
+def test_extra_env_reaches_workers_and_job_as_strings(extra: tuple[str, ...]) -> None:
+    _, docs = render("prod", *extra)
+    owners = [*of_kind(docs, "Deployment"), *of_kind(docs, "Job")]
+    assert len(owners) == 3
+    for owner in owners:
+        env_vars = env_map(container(owner))
+        assert {k: env_vars[k] for k in EXTRA_ENV} == EXTRA_ENV_RENDERED
+        names = [e["name"] for e in container(owner)["env"]]
+        assert len(names) == len(set(names)), f"duplicate variables: {names}"
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_the_worker_accepts_what_extra_env_renders() -> None:
+    from audit_worker.config import WorkerSettings
+
+    _, docs = render("prod", "--set-json", "extraEnv=" + json.dumps(EXTRA_ENV))
+    plain = {name: value for name, value in env_map(container(deployment(docs, "blue"))).items()
+             if isinstance(value, str)}
+    settings = WorkerSettings(
+        database_url="postgresql://w@db/audit", redis_url="rediss://cache:6379/0",
+        **{name.removeprefix("AUDIT_").lower(): value for name, value in plain.items()})
+    assert settings.retry_initial_seconds == 0.25 and settings.retry_max_seconds == 5
+    assert settings.intake_max_body_bytes == 2_097_152
+    assert settings.slot_bootstrap is True and settings.log_level == "warning"
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (("--set-json", 'extraEnv={"audit_log_level":"debug"}'), "audit_log_level"),
+        (("--set-json", 'extraEnv={"AUDIT_LOG_LEVEL2":"debug"}'), "AUDIT_LOG_LEVEL2"),
+        (("--set-json", 'extraEnv={"LOG_LEVEL":"debug"}'), "LOG_LEVEL"),
+        (("--set-json", 'extraEnv={"AUDIT_LOG_LEVEL":{"level":"debug"}}'), "AUDIT_LOG_LEVEL"),
+        (("--set-json", 'extraEnv={"AUDIT_LOG_LEVEL":["debug"]}'), "AUDIT_LOG_LEVEL"),
+    ],
+    ids=["lower-case", "digit", "no-prefix", "map-value", "list-value"],
+)
+def test_schema_rejects_bad_extra_env(extra: tuple[str, ...], key: str) -> None:
+    err = render_error("dev", *extra)
+    assert "extraEnv" in err and key in err, err
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("AUDIT_BATCH_SIZE", "worker.batchSize"),
+        ("AUDIT_SHUTDOWN_GRACE_SECONDS", "worker.shutdownGraceSeconds"),
+        ("AUDIT_KMS_SIGNING_KEY_ID", "keys.kmsSigningKeyId"),
+        ("AUDIT_SLOT", "slot"),
+        ("AUDIT_HTTP_PORT", "8080"),
+        ("AUDIT_HTTP_HOST", "0.0.0.0"),
+        ("AUDIT_LOG_FORMAT", "json"),
+        ("AUDIT_CONSUMER_NAME", "own Redis consumer"),
+        ("AUDIT_DATABASE_URL", "secrets.databaseUrlKey"),
+        ("AUDIT_REDIS_URL", "secrets.redisUrlKey"),
+        ("AUDIT_INTAKE_TOKENS", "secrets.intakeTokensKey"),
+    ],
+)
+def test_extra_env_cannot_override_the_chart_or_carry_secrets(name: str, hint: str) -> None:
+    err = render_error("dev", "--set", f"extraEnv.{name}=x")
+    assert f"extraEnv.{name} is not allowed" in err, err
+    assert hint in err and f"remove extraEnv.{name}" in err, err
+
+
+def test_every_variable_the_chart_sets_is_reserved_from_extra_env() -> None:
+    """A new chart variable must also be refused in extraEnv (no duplicate env names)."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = helpers.split('define "audit-worker.reservedEnv"')[1].split("{{- end }}")[0]
+    reserved = set(re.findall(r"^(AUDIT_[A-Z_]+):", block, re.MULTILINE))
+    also = {"AUDIT_INTAKE_TOKENS", "AUDIT_CONSUMER_NAME", "AUDIT_HTTP_HOST"}
+    assert reserved == WORKER_ENV | also
+
+
+def test_template_refuses_a_bad_extra_env_name_without_the_schema() -> None:
+    err = render_error("dev", "--skip-schema-validation", "--set", "extraEnv.audit_x=1")
+    assert "extraEnv.audit_x" in err and "AUDIT_[A-Z_]+" in err

@@ -8,7 +8,12 @@ the chart's ``_validate.tpl`` makes beyond the schema are mirrored as well.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -17,13 +22,15 @@ import stackkit
 import yaml
 
 from infra.chart_values import (
+    CONNECTIONS_SECRET,
+    MIGRATION_SECRET,
     WorkerBindings,
     active_replica_count,
     chart_values,
     service_names,
     validate_image_tag,
 )
-from infra.settings import STACK_ENVIRONMENTS, load_environment
+from infra.settings import STACK_ENVIRONMENTS, IngressPodSettings, load_environment
 
 CHART = stackkit.ROOT / "charts" / "audit-worker"
 SCHEMA: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
@@ -188,3 +195,102 @@ def test_service_names_match_the_chart() -> None:
     services = (CHART / "templates" / "services.yaml").read_text()
     assert '"active"' in services and '"preview"' in services
     assert service_names() == {"active": "audit-worker-active", "preview": "audit-worker-preview"}
+
+
+# --- Migration credentials, HTTP intake and ingress -----------------------------------------
+
+
+def test_the_migration_job_reads_the_operators_secret_not_the_workers() -> None:
+    secrets = values_for("prod")["secrets"]
+    assert secrets == {
+        "existingSecret": CONNECTIONS_SECRET, "databaseUrlKey": "database-url",
+        "redisUrlKey": "redis-url",
+        "migrationSecret": MIGRATION_SECRET, "migrationDatabaseUrlKey": "migration-database-url",
+        "intakeTokensKey": "",
+    }
+    assert MIGRATION_SECRET != CONNECTIONS_SECRET, (
+        "a key added by hand to the Pulumi-managed Secret would end up in Pulumi state")
+
+
+@pytest.mark.parametrize("env", STACK_ENVIRONMENTS)
+def test_network_policy_ingress_follows_the_settings(env: str) -> None:
+    worker = load_environment(env).worker
+    ingress = values_for(env)["networkPolicy"]["ingress"]
+    assert ingress["namespaces"] == worker.ingress_namespaces
+    assert ingress["pods"] == [{"namespace": p.namespace, "matchLabels": p.match_labels}
+                               for p in worker.ingress_pods]
+
+
+def test_ingress_pod_selectors_become_chart_peers() -> None:
+    prod = load_environment("prod")
+    worker = prod.worker.model_copy(update={
+        "ingress_namespaces": ["monitoring", "ehr-producers"],
+        "ingress_pods": [IngressPodSettings(namespace="gateway",
+                                            match_labels={"app.kubernetes.io/name": "gw"})],
+    })
+    values = chart_values(prod.model_copy(update={"worker": worker}), active_slot="blue",
+                          blue_image="1", green_image="1", bindings=BINDINGS)
+    assert values["networkPolicy"]["ingress"] == {
+        "namespaces": ["monitoring", "ehr-producers"],
+        "pods": [{"namespace": "gateway", "matchLabels": {"app.kubernetes.io/name": "gw"}}],
+    }
+    jsonschema.validate(merged(values), SCHEMA)
+
+
+@functools.cache
+def _helm() -> str:
+    for candidate in (os.environ.get("HELM", ""), str(stackkit.ROOT / ".tools" / "bin" / "helm"),
+                      shutil.which("helm") or ""):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    done = subprocess.run(["bash", str(stackkit.ROOT / "scripts" / "install-helm.sh")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _render(values: dict[str, Any], tmp_path: Path) -> list[dict[str, Any]]:
+    file = tmp_path / "values.json"
+    file.write_text(json.dumps(values))
+    done = subprocess.run(
+        [_helm(), "template", "audit-worker", str(CHART), "--namespace", "audit", "-f", str(file)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def test_prods_network_policy_admits_the_monitoring_namespace_on_8080_and_nothing_else(
+        tmp_path: Path) -> None:
+    """The values the prod program gives Helm (under mocks), rendered by the chart."""
+    values = stackkit.one("prod", stackkit.RELEASE)["inputs"]["values"]
+    (policy,) = [d for d in _render(values, tmp_path) if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == [{
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    }]
+
+
+def test_prods_release_runs_migrations_as_the_owner_and_workers_as_the_writer(
+        tmp_path: Path) -> None:
+    values = stackkit.one("prod", stackkit.RELEASE)["inputs"]["values"]
+    docs = _render(values, tmp_path)
+
+    def database_url(pod_spec: dict[str, Any], container: str = "containers") -> Any:
+        env = {e["name"]: e for e in pod_spec[container][0]["env"]}
+        return env["AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    job_pod = job["spec"]["template"]["spec"]
+    owner = {"name": "audit-worker-migration", "key": "migration-database-url"}
+    assert database_url(job_pod) == owner
+    assert database_url(job_pod, "initContainers") == {**owner, "optional": True}
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 2
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        assert database_url(pod) == {"name": CONNECTIONS_SECRET, "key": "database-url"}
+        names = {e["name"] for e in pod["containers"][0]["env"]}
+        assert "AUDIT_INTAKE_TOKENS" not in names  # the intake stays off in the cloud

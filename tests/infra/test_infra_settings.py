@@ -11,6 +11,7 @@ import stackkit
 import yaml
 
 from infra.settings import (
+    DEFAULT_INGRESS_NAMESPACES,
     ENVIRONMENT_NAMES,
     ENVIRONMENTS_DIR,
     HEALTH_CHECKS,
@@ -101,6 +102,40 @@ def test_worker_defaults_scale_down_delay_to_30_seconds(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stack", STACK_ENVIRONMENTS)
+def test_every_stack_admits_the_monitoring_namespace_to_the_worker(stack: str) -> None:
+    worker = load_environment(stack).worker
+    assert "ingress_namespaces" in raw(stack)["worker"], "the env file says it explicitly"
+    assert "monitoring" in worker.ingress_namespaces
+
+
+def test_prod_admits_only_prometheus_to_the_worker() -> None:
+    worker = load_environment("prod").worker
+    assert worker.ingress_namespaces == ["monitoring"]
+    assert worker.ingress_pods == []
+
+
+def test_worker_ingress_defaults_to_the_monitoring_namespace(tmp_path: Path) -> None:
+    data = raw("dev")
+    del data["worker"]["ingress_namespaces"]
+    del data["worker"]["ingress_pods"]
+    worker = load_environment(write(tmp_path, "dev", data)).worker
+    assert worker.ingress_namespaces == list(DEFAULT_INGRESS_NAMESPACES) == ["monitoring"]
+    assert worker.ingress_pods == []
+
+
+def test_worker_ingress_takes_producers_namespaces_and_pod_selectors(tmp_path: Path) -> None:
+    data = raw("staging")
+    data["worker"]["ingress_namespaces"] = ["monitoring", "ehr-producers"]
+    data["worker"]["ingress_pods"] = [
+        {"namespace": "gateway", "match_labels": {"app.kubernetes.io/name": "audit-gateway"}}]
+    worker = load_environment(write(tmp_path, "staging", data)).worker
+    assert worker.ingress_namespaces == ["monitoring", "ehr-producers"]
+    (pod,) = worker.ingress_pods
+    assert (pod.namespace, pod.match_labels) == (
+        "gateway", {"app.kubernetes.io/name": "audit-gateway"})
+
+
+@pytest.mark.parametrize("stack", STACK_ENVIRONMENTS)
 def test_stack_files_agree_with_the_settings(stack: str) -> None:
     doc = yaml.safe_load((ENVIRONMENTS_DIR / f"Pulumi.{stack}.yaml").read_text())
     settings = load_environment(stack)
@@ -174,6 +209,23 @@ BAD_VALUES: list[tuple[str, str, Any, str | None, str]] = [
     ("dev", "name", "staging", "name", "must be 'dev' in dev.yaml"),
     ("dev", "monitoring_level", "verbose", "monitoring_level", "Input should be"),
     ("dev", "worker.batch_size", DELETE, "worker.batch_size", "required key is missing"),
+    ("prod", "worker.ingress_namespaces", ["Monitoring"], "worker.ingress_namespaces",
+     "not namespace names: Monitoring"),
+    ("prod", "worker.ingress_namespaces", ["monitoring", "monitoring"],
+     "worker.ingress_namespaces", "listed more than once: monitoring"),
+    ("prod", "worker.ingress_namespaces", "monitoring", "worker.ingress_namespaces",
+     "valid list"),
+    ("prod", "worker.ingress_pods", [{"namespace": "gateway"}],
+     "worker.ingress_pods[0].match_labels", "required key is missing"),
+    ("prod", "worker.ingress_pods", [{"namespace": "gateway", "match_labels": {}}],
+     "worker.ingress_pods[0].match_labels", "at least 1 item"),
+    ("prod", "worker.ingress_pods",
+     [{"namespace": "gateway", "match_labels": {"app": "not a label"}}],
+     "worker.ingress_pods[0].match_labels", "not Kubernetes labels: app=not a label"),
+    ("prod", "worker.ingress_pods", [{"namespace": "Gateway", "match_labels": {"app": "x"}}],
+     "worker.ingress_pods[0].namespace", "should match pattern"),
+    ("prod", "worker.ingress_pods", [{"namespace": "gateway", "selector": {"app": "x"}}],
+     "worker.ingress_pods[0].selector", "unknown key 'selector'"),
 ]
 
 

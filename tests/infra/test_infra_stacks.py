@@ -372,6 +372,24 @@ def test_connection_secret_is_secret_and_points_at_this_stacks_stores(stack: str
     assert f"@{output(stack, 'redisPrimaryEndpoint')}:6379/0" in urls["redis-url"]
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_master_password_never_reaches_the_program(stack: str) -> None:
+    """The migration login's Secret is the operator's: Pulumi reads no master secret."""
+    secret = one(stack, "kubernetes:core/v1:Secret")
+    assert set(secret["inputs"]["stringData"]) == {"database-url", "redis-url"}
+    assert not any("audit_admin" in json.dumps(r["inputs"]) for r in resources(stack)
+                   if r["type"].startswith("kubernetes:"))
+    reads = [c["args"].get("secretId") for c in summary(stack)["calls"]
+             if c["token"] == "aws:secretsmanager/getSecretVersion:getSecretVersion"]
+    if stack != "dr":
+        assert output(stack, "dbMasterSecretArn") not in reads
+    assert output(stack, "migrationSecretName") == "audit-worker-migration"
+    assert one(stack, RELEASE)["inputs"]["values"]["secrets"]["migrationSecret"] == (
+        "audit-worker-migration")
+    assert not [r for r in resources(stack, "kubernetes:core/v1:Secret")
+                if r["inputs"]["metadata"]["name"] == "audit-worker-migration"]
+
+
 # --- Secrets -------------------------------------------------------------------------------
 
 

@@ -162,7 +162,10 @@ seccompProfile:
 
 {{/*
 Environment shared by the worker and the migration Job. The slot is passed
-separately (AUDIT_SLOT). Secret values are only referenced, never rendered.
+separately (AUDIT_SLOT), and so is AUDIT_DATABASE_URL: the worker reads
+secrets.databaseUrlKey (an audit_writer login), the Job the schema owner's
+secrets.migrationDatabaseUrlKey. Secret values are only referenced, never
+rendered. extraEnv comes last; _validate.tpl refuses any name set here.
 */}}
 {{- define "audit-worker.env" -}}
 - name: AUDIT_ENVIRONMENT
@@ -189,16 +192,84 @@ separately (AUDIT_SLOT). Secret values are only referenced, never rendered.
   value: {{ .Values.aws.archiveBucket | quote }}
 - name: AUDIT_LOG_FORMAT
   value: "json"
-- name: AUDIT_DATABASE_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.secrets.existingSecret | quote }}
-      key: {{ .Values.secrets.databaseUrlKey | quote }}
 - name: AUDIT_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ .Values.secrets.existingSecret | quote }}
       key: {{ .Values.secrets.redisUrlKey | quote }}
+{{- range $name, $value := .Values.extraEnv }}
+- name: {{ $name }}
+  value: {{ include "audit-worker.envValue" $value }}
+{{- end }}
+{{- end }}
+
+{{/*
+The worker's database URL: an audit_writer login (SELECT and INSERT only).
+*/}}
+{{- define "audit-worker.workerDatabaseEnv" -}}
+- name: AUDIT_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.existingSecret | quote }}
+      key: {{ .Values.secrets.databaseUrlKey | quote }}
+{{- end }}
+
+{{/*
+The HTTP intake's bearer tokens, read only when the key exists: optional, so
+a Secret without the key leaves AUDIT_INTAKE_TOKENS unset and the intake off.
+*/}}
+{{- define "audit-worker.intakeEnv" -}}
+{{- if .Values.secrets.intakeTokensKey -}}
+- name: AUDIT_INTAKE_TOKENS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.existingSecret | quote }}
+      key: {{ .Values.secrets.intakeTokensKey | quote }}
+      optional: true
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret that holds the migration Job's database URL.
+*/}}
+{{- define "audit-worker.migrationSecret" -}}
+{{- .Values.secrets.migrationSecret | default .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/*
+An extraEnv value as a quoted string: whole numbers without an exponent
+(YAML numbers reach the templates as float64), booleans as true/false.
+*/}}
+{{- define "audit-worker.envValue" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}
+{{- int64 . | toString | quote }}
+{{- else }}
+{{- toString . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Variables extraEnv may not set, as a dict: name -> what to do instead.
+*/}}
+{{- define "audit-worker.reservedEnv" -}}
+AUDIT_SLOT: "it is the slot of each Deployment (blue or green) and is set by the chart"
+AUDIT_ENVIRONMENT: "set environment instead"
+AUDIT_LOG_ID: "set logId instead"
+AUDIT_HTTP_PORT: "the ports, probes and Services are on 8080"
+AUDIT_HTTP_HOST: "the probes and Services need the worker to listen on 0.0.0.0"
+AUDIT_BATCH_SIZE: "set worker.batchSize instead"
+AUDIT_SIGN_INTERVAL_SECONDS: "set worker.signIntervalSeconds instead"
+AUDIT_SHUTDOWN_GRACE_SECONDS: "set worker.shutdownGraceSeconds instead (it also sets terminationGracePeriodSeconds)"
+AUDIT_KEY_BACKEND: "set keys.backend instead"
+AUDIT_KMS_DATA_KEY_ID: "set keys.kmsDataKeyId instead"
+AUDIT_KMS_SIGNING_KEY_ID: "set keys.kmsSigningKeyId instead"
+AUDIT_AWS_REGION: "set aws.region instead"
+AUDIT_ARCHIVE_BUCKET: "set aws.archiveBucket instead"
+AUDIT_LOG_FORMAT: "the chart always logs json"
+AUDIT_CONSUMER_NAME: "each pod must be its own Redis consumer; the worker uses the pod's host name"
+AUDIT_DATABASE_URL: "it is secret: put it in the Secret (secrets.databaseUrlKey, secrets.migrationDatabaseUrlKey)"
+AUDIT_REDIS_URL: "it is secret: put it in the Secret (secrets.redisUrlKey)"
+AUDIT_INTAKE_TOKENS: "it is secret: put it in the Secret (secrets.intakeTokensKey)"
 {{- end }}
 
 {{/*

@@ -53,6 +53,19 @@ templates by another path.
 {{- end }}
 {{- end }}
 
+{{- $reserved := include "audit-worker.reservedEnv" . | fromYaml }}
+{{- range $name, $value := (.Values.extraEnv | default dict) }}
+{{- if not (regexMatch "^AUDIT_[A-Z_]+$" $name) }}
+{{- fail (printf "\n\nextraEnv.%s: extraEnv only takes worker settings named AUDIT_[A-Z_]+.\nFix: remove extraEnv.%s from the values." $name $name) }}
+{{- end }}
+{{- if hasKey $reserved $name }}
+{{- fail (printf "\n\nextraEnv.%s is not allowed: %s.\nFix: remove extraEnv.%s from the values." $name (get $reserved $name) $name) }}
+{{- end }}
+{{- if or (kindIs "map" $value) (kindIs "slice" $value) (kindIs "invalid" $value) }}
+{{- fail (printf "\n\nextraEnv.%s must be a string, number or boolean, got %s.\nFix: --set-string extraEnv.%s=<value>" $name (kindOf $value) $name) }}
+{{- end }}
+{{- end }}
+
 {{- $migrationSlot := toString (.Values.migration.slot | default "") }}
 {{- if not (has $migrationSlot (list "" "blue" "green")) }}
 {{- fail (printf "\n\nmigration.slot must be \"\", \"blue\" or \"green\", got %q.\nFix: --set migration.slot=%s" $migrationSlot $active) }}
