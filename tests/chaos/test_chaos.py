@@ -217,6 +217,22 @@ async def test_kill_9_mid_batch(env: Env, producers: list[Producer]) -> None:
     }
 
 
+async def _resume_and_stop(
+    env: Env, worker: WorkerProcess, producer: Producer, dependency: str
+) -> tuple[float, float]:
+    """The dependency is back now: time to the first commit after it, then stop the load,
+    wait until everything is stored, and stop the worker cleanly. Returns (recovery seconds,
+    the worker's retries against that dependency)."""
+    resume = await first_commit_after(env.db, time.time())
+    await asyncio.sleep(2)
+    await producer.stop()
+    await drained(env.db, env.redis_url)
+    retries = await worker.metric(f'audit_retries_total{{dependency="{dependency}"}}')
+    code, _ = await worker.terminate()
+    assert code == 0, worker.log_tail()
+    return resume, retries
+
+
 async def test_postgres_restart(
     env: Env, pg: PostgresServer, producers: list[Producer]
 ) -> None:
@@ -236,14 +252,7 @@ async def test_postgres_restart(
             await asyncio.sleep(1)
         finally:
             await asyncio.to_thread(pg.start)
-        back = time.time()
-        resume = await first_commit_after(env.db, back)
-        await asyncio.sleep(2)
-        await producer.stop()
-        await drained(env.db, env.redis_url)
-        retries = await worker.metric('audit_retries_total{dependency="postgres"}')
-        code, _ = await worker.terminate()
-        assert code == 0, worker.log_tail()
+        resume, retries = await _resume_and_stop(env, worker, producer, "postgres")
     finally:
         worker.ensure_dead()
         await worker.close()
@@ -274,14 +283,7 @@ async def test_redis_restart(
             await asyncio.sleep(0.5)
         finally:
             await asyncio.to_thread(rd.start)
-        back = time.time()
-        resume = await first_commit_after(env.db, back)
-        await asyncio.sleep(2)
-        await producer.stop()
-        await drained(env.db, env.redis_url)
-        retries = await worker.metric('audit_retries_total{dependency="redis"}')
-        code, _ = await worker.terminate()
-        assert code == 0, worker.log_tail()
+        resume, retries = await _resume_and_stop(env, worker, producer, "redis")
     finally:
         worker.ensure_dead()
         await worker.close()
