@@ -296,10 +296,3 @@ class LogStore:
                 purpose,
             )
         return bytes(row["wrapped"]) if row else None
-
-    async def wrapped_key(self, key_id: str) -> bytes | None:
-        async with self.pool.acquire() as conn:
-            value = await conn.fetchval(
-                "SELECT wrapped FROM audit.data_keys WHERE key_id = $1", key_id
-            )
-        return bytes(value) if value is not None else None
