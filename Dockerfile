@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
-# The audit worker image: `audit-worker run` on port 8080, as uid/gid 10001, on a read-only
+# The audit worker image: `audit-worker run` with health and metrics on port 8080 and the HTTP
+# intake on 8081 (separate listeners), as uid/gid 10001, on a read-only
 # root filesystem with /tmp as the only writable place (the Helm chart mounts an emptyDir).
 #
 #   docker build -t audit-worker:0.1.0 .
-#   docker run --read-only --tmpfs /tmp --user 10001:10001 -p 8080:8080 \
+#   docker run --read-only --tmpfs /tmp --user 10001:10001 -p 8080:8080 -p 8081:8081 \
 #     -e AUDIT_DATABASE_URL=... -e AUDIT_REDIS_URL=... audit-worker:0.1.0
 #
 # Pin the base image by digest in your registry mirror (…-slim-bookworm@sha256:…).
@@ -46,11 +47,12 @@ ENV PATH=/opt/audit/bin:$PATH \
     HOME=/tmp \
     TMPDIR=/tmp \
     AUDIT_HTTP_PORT=8080 \
+    AUDIT_INTAKE_PORT=8081 \
     AUDIT_LOG_FORMAT=json \
     AUDIT_LOCAL_KEY_DIR=/tmp/audit-keys
 WORKDIR /opt/audit
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8081
 # SIGTERM: the worker finishes the batch in hand, acknowledges it, signs a final tree head
 # and exits within AUDIT_SHUTDOWN_GRACE_SECONDS (the chart's terminationGracePeriodSeconds
 # is that plus 10 s).

@@ -23,6 +23,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/spool.py
 
 lint: setup
 	$(BIN)/ruff check src infra tests bench

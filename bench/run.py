@@ -225,6 +225,7 @@ async def main() -> None:
             "AUDIT_LOCAL_KEY_DIR": str(key_dir),
             "AUDIT_LOG_LEVEL": "warning",
             "AUDIT_HTTP_PORT": "0",  # `run` serves HTTP: two workers here need two ports
+            "AUDIT_INTAKE_PORT": "0",  # each, health and intake
         }
         settings = WorkerSettings(
             database_url=pg.url,

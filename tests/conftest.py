@@ -1,6 +1,6 @@
 """Shared fixtures: real PostgreSQL, Redis and moto servers for the whole test session.
 
-Set ``AUDIT_TEST_POSTGRES_URL`` / ``AUDIT_TEST_REDIS_URL`` to use servers you run
+Set ``AUDITKIT_TEST_POSTGRES_URL`` / ``AUDITKIT_TEST_REDIS_URL`` to use servers you run
 yourself; otherwise the project starts its own (``audit_worker.localenv``).
 """
 
@@ -25,7 +25,7 @@ from audit_worker.localenv import (
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """URL of the session's PostgreSQL server (maintenance database ``postgres``)."""
-    external = os.environ.get("AUDIT_TEST_POSTGRES_URL")
+    external = os.environ.get("AUDITKIT_TEST_POSTGRES_URL")
     if external:
         yield external
         return
@@ -36,7 +36,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of the session's Redis server (db 0)."""
-    external = os.environ.get("AUDIT_TEST_REDIS_URL")
+    external = os.environ.get("AUDITKIT_TEST_REDIS_URL")
     if external:
         yield external
         return

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from audit_worker.events import AuditEvent, Rejection, parse_event
+from audit_worker.events import AuditEvent, Rejection, parse_event, rejection
 
 DEFAULT_STREAM = "audit:events"
 
@@ -71,10 +71,8 @@ def prepare(
     data.setdefault("occurred", datetime.now(UTC).isoformat())
     try:
         raw = orjson.dumps(data, default=_json_default)
-    except TypeError as exc:
-        raise EventRejected(
-            Rejection("(event)", "object", "not_serialisable", f"(event): {exc}")
-        ) from None
+    except TypeError:
+        raise EventRejected(rejection("(event)", "object", "not_serialisable")) from None
     outcome = parse_event(raw, max_future_skew=max_future_skew)
     if isinstance(outcome, Rejection):
         raise EventRejected(outcome)

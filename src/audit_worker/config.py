@@ -3,12 +3,20 @@
 Precedence: environment variables over the file over defaults. The file is named by
 ``AUDIT_CONFIG_FILE`` or passed explicitly. Errors name the setting, the value class and
 the rule, never a secret's value.
+
+The ``AUDIT_`` prefix means exactly "a worker setting": any other ``AUDIT_*`` variable
+(in any letter case, as pydantic-settings matches them) is refused like an unknown key in
+the file, with the closest setting as a suggestion. A misspelt variable would otherwise be
+ignored and its default applied: a wrong ``AUDIT_LOG_ID`` makes two workers disagree.
+The kit's own test and tooling variables use ``AUDITKIT_``.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,11 +28,14 @@ from audit_worker.errors import ConfigurationError
 
 Slot = Literal["blue", "green"]
 
+PREFIX = "AUDIT_"
+CONFIG_FILE_VARIABLE = "AUDIT_CONFIG_FILE"  # read by load_settings, not a field
+
 
 class WorkerSettings(BaseSettings):
     """Everything the worker reads at start-up. Field ``x`` is variable ``AUDIT_X``."""
 
-    model_config = SettingsConfigDict(env_prefix="AUDIT_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid", frozen=True)
 
     environment: str = "local"
     log_id: str = Field(default="audit-log", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -41,7 +52,13 @@ class WorkerSettings(BaseSettings):
     batch_size: int = Field(default=1000, ge=1, le=10_000)
     block_ms: int = Field(default=200, ge=1, le=60_000)
     claim_idle_ms: int = Field(default=15_000, ge=100)
+    # Tries the worker gives an entry that fails in it for no known reason before that entry
+    # is dead-lettered (rule delivery_limit_exceeded). Redeliveries after crashes or
+    # outages never count.
     max_deliveries: int = Field(default=5, ge=1, le=100)
+    # While a configuration or permission error (e.g. SQLSTATE 42501) halts the writer, the
+    # batch in hand is tried again this often, each failure logged at critical.
+    configuration_recheck_seconds: float = Field(default=30.0, gt=0, le=3600)
     sign_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
     shutdown_grace_seconds: float = Field(default=20.0, gt=0, le=600)
     max_future_skew_seconds: float = Field(default=300.0, ge=0)
@@ -56,6 +73,9 @@ class WorkerSettings(BaseSettings):
 
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (logged)
+    # POST /v1/events has a listener of its own, with its own connection limit, so that
+    # producers can never take the connections the kubelet's probes need on http_port.
+    intake_port: int = Field(default=8081, ge=0, le=65535)  # 0: any free port (logged)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -63,6 +83,9 @@ class WorkerSettings(BaseSettings):
     archive_bucket: str | None = None  # S3 bucket checked by /healthz/external when set
     database_pool_size: int = Field(default=6, ge=2, le=64)
     database_command_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Longest wait for a pooled connection: a full pool fails (and is retried) rather
+    # than leaving a batch, a request or a loop waiting forever.
+    database_acquire_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Blue-green: poll interval of an idle worker; whether a worker may create the control
     # key (naming its own slot, epoch 1) when it does not exist yet.
     slot_poll_seconds: float = Field(default=0.1, gt=0, le=10)
@@ -85,6 +108,14 @@ class WorkerSettings(BaseSettings):
     intake_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     intake_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     intake_max_events: int = Field(default=1000, ge=1, le=10_000)
+    # Intake listener limits (slow or idle clients are cut off, never queued without bound):
+    # open connections (beyond: 503 and closed), seconds to send a complete request head
+    # (else closed; after a response, keep-alive idle time plus this), seconds for the whole
+    # body (else 408 and closed), seconds a kept-alive connection may sit idle.
+    intake_max_connections: int = Field(default=256, ge=1, le=10_000)
+    intake_header_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    intake_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    intake_keep_alive_seconds: int = Field(default=5, ge=1, le=300)
 
     @field_validator("database_url")
     @classmethod
@@ -126,6 +157,15 @@ class WorkerSettings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
+    def _distinct_ports(self) -> WorkerSettings:
+        if self.intake_port and self.intake_port == self.http_port:
+            raise ValueError(
+                f"intake_port and http_port are both {self.http_port}: the intake needs a "
+                f"port of its own (set {PREFIX}INTAKE_PORT, or 0 for any free one)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _retry_bounds(self) -> WorkerSettings:
         if self.retry_max_seconds < self.retry_initial_seconds:
             raise ValueError("retry_max_seconds must be >= retry_initial_seconds")
@@ -135,7 +175,7 @@ class WorkerSettings(BaseSettings):
     def _kms_needs_key_ids(self) -> WorkerSettings:
         if self.key_backend == "kms":
             missing = [
-                f"AUDIT_{name.upper()}"
+                f"{PREFIX}{name.upper()}"
                 for name in ("kms_data_key_id", "kms_signing_key_id")
                 if not getattr(self, name)
             ]
@@ -144,21 +184,78 @@ class WorkerSettings(BaseSettings):
         return self
 
 
-def _describe(errors: list[Any], source: str) -> str:
+# Said once under the list: a stray variable is often a tool's, not a misspelt setting.
+PREFIX_NOTE = (
+    f"{PREFIX}* names only worker settings; other variables need another prefix "
+    "(the kit's tooling uses AUDITKIT_*)."
+)
+
+
+def _describe(
+    errors: list[Any], source: str, unknown: list[str], unknown_variables: bool = False
+) -> str:
     lines = [f"invalid worker settings ({source}):"]
+    lines += [f"  - {line}" for line in unknown]
     for err in errors:
         field = ".".join(str(part) for part in err["loc"]) or "(settings)"
-        variable = f"AUDIT_{field.upper()}" if err["loc"] else ""
+        variable = f"{PREFIX}{field.upper()}" if err["loc"] else ""
         where = f"{field} ({variable})" if variable else field
         lines.append(f"  - {where}: {err['msg']}")
+    if unknown_variables:
+        lines.append(PREFIX_NOTE)
     return "\n".join(lines)
+
+
+def _not_a_setting(
+    shown: str, key: str, candidates: Collection[str], spell: Callable[[str], str]
+) -> str:
+    """One line for a name that is no setting; only the name, never its value (a secret)."""
+    match = difflib.get_close_matches(key, sorted(candidates), n=1)
+    hint = f"; did you mean {spell(match[0])}?" if match else " (nor close to one)"
+    return f"{shown} is not a worker setting{hint}"
+
+
+def _audit_variables() -> list[str]:
+    """``AUDIT_*`` names in the environment, in any case: pydantic-settings reads them so."""
+    return sorted(name for name in os.environ if name.upper().startswith(PREFIX))
+
+
+def _setting_of(variable: str) -> str:
+    return variable[len(PREFIX):].lower()
+
+
+def _unknown_variables(variables: Collection[str]) -> list[str]:
+    """A line per ``AUDIT_*`` variable that is not a setting."""
+    fields = set(WorkerSettings.model_fields)
+    # Suggest the file variable too, but accept only its exact spelling: it is read so.
+    candidates = fields | {_setting_of(CONFIG_FILE_VARIABLE)}
+    return [
+        _not_a_setting(name, _setting_of(name), candidates, lambda f: f"{PREFIX}{f.upper()}")
+        for name in sorted(variables)
+        if name != CONFIG_FILE_VARIABLE and _setting_of(name) not in fields
+    ]
+
+
+def _unknown_keys(keys: Collection[Any]) -> list[str]:
+    """A line per file key that is not a setting (keys match fields in any case, as in
+    pydantic-settings)."""
+    fields = set(WorkerSettings.model_fields)
+    return [
+        _not_a_setting(str(key), str(key).lower(), fields, str)
+        for key in keys
+        if str(key).lower() not in fields
+    ]
 
 
 def load_settings(
     config_file: Path | None = None, **overrides: Any
 ) -> WorkerSettings:
-    """Read settings; raise `ConfigurationError` naming every bad setting."""
-    path = config_file or (Path(p) if (p := os.environ.get("AUDIT_CONFIG_FILE")) else None)
+    """Read settings; raise `ConfigurationError` naming every bad setting, and every
+    ``AUDIT_*`` variable or file key that is not one."""
+    path = config_file or (Path(p) if (p := os.environ.get(CONFIG_FILE_VARIABLE)) else None)
+    variables = _audit_variables()
+    bad_variables = _unknown_variables(variables)
+    bad_keys: list[str] = []
     file_values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -167,10 +264,20 @@ def load_settings(
             raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigurationError(f"settings file {path}: top level must be a mapping")
-        env_names = {k[len("AUDIT_"):].lower() for k in os.environ if k.startswith("AUDIT_")}
-        file_values = {k: v for k, v in loaded.items() if k not in env_names}
+        bad_keys = _unknown_keys(list(loaded))
+        env_names = {_setting_of(name) for name in variables}
+        # Unknown keys are reported above, not passed on (pydantic would say less).
+        file_values = {
+            str(k): v for k, v in loaded.items()
+            if str(k).lower() in WorkerSettings.model_fields and str(k).lower() not in env_names
+        }
+    source = f"file {path} and environment" if path else "environment"
+    unknown = bad_keys + bad_variables
     try:
-        return WorkerSettings(**{**file_values, **overrides})
+        settings = WorkerSettings(**{**file_values, **overrides})
     except ValidationError as exc:
-        source = f"file {path} and environment" if path else "environment"
-        raise ConfigurationError(_describe(exc.errors(), source)) from None
+        message = _describe(exc.errors(), source, unknown, bool(bad_variables))
+        raise ConfigurationError(message) from None
+    if unknown:
+        raise ConfigurationError(_describe([], source, unknown, bool(bad_variables)))
+    return settings

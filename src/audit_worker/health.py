@@ -63,6 +63,7 @@ class ServiceStatus:
     heartbeat: float = field(default_factory=time.monotonic)
     startup_problem: str | None = None
     integrity_failure: str | None = None
+    configuration_problem: str | None = None  # a configuration error halts the writer
     decision: SlotDecision | None = None
     batches: int = 0
     last_batch_at: float | None = None  # wall clock
@@ -187,6 +188,8 @@ class HealthChecks:
             problems.append("shutting down")
         if status.integrity_failure:
             problems.append(f"writer stopped by an integrity failure: {status.integrity_failure}")
+        if status.configuration_problem and status.phase != "starting":
+            problems.append(f"writer halted: {status.configuration_problem}")
         for name, breaker in self.breakers.items():
             state = breaker.state
             if state is not BreakerState.CLOSED:  # open, or half-open: not proven back yet

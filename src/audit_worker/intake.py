@@ -16,6 +16,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 EVENT_FIELD = b"event"
+# Entry ids of events drained from the HTTP intake's PostgreSQL spool (`audit_worker.db.
+# spool`): never a Redis id (those are digits), so they are never XACKed.
+SPOOL_ENTRY_PREFIX = "spool-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +26,17 @@ class StreamEntry:
     entry_id: str
     payload: bytes | None  # None when the entry has no ``event`` field
     deliveries: int
+    # Set for an event the HTTP intake spooled in PostgreSQL while Redis was down: its row
+    # in audit.intake_spool, and when it was received.
+    spool_id: int | None = None
+    spooled_ms: int | None = None
 
     @property
     def added_ms(self) -> int:
-        """When the producer's XADD happened (the first part of the entry id)."""
+        """When the producer's XADD happened (the first part of the entry id), or when a
+        spooled event was received."""
+        if self.spooled_ms is not None:
+            return self.spooled_ms
         return int(self.entry_id.split("-", 1)[0])
 
 
@@ -141,9 +151,10 @@ class StreamIntake:
         self._own_backlog = True
 
     async def ack(self, entry_ids: Sequence[str]) -> int:
-        if not entry_ids:
+        ids = [i for i in entry_ids if not i.startswith(SPOOL_ENTRY_PREFIX)]
+        if not ids:
             return 0
-        return int(await self.redis.xack(self.stream, self.group, *entry_ids))
+        return int(await self.redis.xack(self.stream, self.group, *ids))
 
     async def publish_dead_letters(self, reasons: Sequence[tuple[str, str, str, str]]) -> None:
         """Announce dead letters (entry id, field, rule, value class); never the payload."""

@@ -89,6 +89,36 @@ class Metrics:
             "Events skipped because their event_id was already in the log (replays).",
             registry=r,
         )
+        self.events_conflict = Counter(
+            "audit_events_conflict_total",
+            "Events whose event_id is in the log with another body (skipped, never stored).",
+            registry=r,
+        )
+        self.events_redelivered = Counter(
+            "audit_events_redelivered_total",
+            "Stream entries delivered more often than AUDIT_MAX_DELIVERIES (crashes or "
+            "outages; processed as usual, never dead-lettered for it).",
+            registry=r,
+        )
+        self.events_isolated = Counter(
+            "audit_events_isolated_total",
+            "Entries PostgreSQL refused for their data, isolated by splitting the batch "
+            "(and dead-lettered with rule sqlstate_XXXXX), by SQLSTATE.",
+            ["sqlstate"],
+            registry=r,
+        )
+        self.configuration_failures = Counter(
+            "audit_configuration_failures_total",
+            "PostgreSQL errors that configuration or permissions cause (the writer halts "
+            "until fixed), by SQLSTATE.",
+            ["sqlstate"],
+            registry=r,
+        )
+        self.configuration_halted = Gauge(
+            "audit_writer_configuration_halted",
+            "1 while the writer is halted by a configuration or permission error.",
+            registry=r,
+        )
         self.events_dead_lettered = Counter(
             "audit_events_dead_lettered_total",
             "Entries sent to the dead-letter store, by the validation rule that failed.",
@@ -163,8 +193,15 @@ class Metrics:
         )
         self.intake_events = Counter(
             "audit_intake_events_total",
-            "Events in POST /v1/events requests: accepted (written to the stream) or rejected.",
+            "Events in POST /v1/events requests: accepted (written to the stream), spooled "
+            "(written to the PostgreSQL spool while Redis was unreachable) or rejected.",
             ["outcome"],
+            registry=r,
+        )
+        self.intake_spool_depth = Gauge(
+            "audit_intake_spool_depth",
+            "Events in the intake's PostgreSQL spool, not yet moved into the log (as this "
+            "worker last counted).",
             registry=r,
         )
 
@@ -174,7 +211,7 @@ class Metrics:
         for dependency in DEPENDENCIES:
             self.breaker_state.labels(dependency).set(0)
             self.retries.labels(dependency)
-        for outcome in ("accepted", "rejected"):
+        for outcome in ("accepted", "spooled", "rejected"):
             self.intake_events.labels(outcome)
 
     # ---- updates
@@ -204,6 +241,12 @@ class Metrics:
         self.events_stored.inc(result.stored)
         if result.duplicates:
             self.events_duplicate.inc(result.duplicates)
+        if result.conflict_ids:
+            self.events_conflict.inc(len(result.conflict_ids))
+        if result.redelivered:
+            self.events_redelivered.inc(result.redelivered)
+        for code in result.isolated_sqlstates:
+            self.events_isolated.labels(code).inc()  # SQLSTATEs: five characters, bounded
         for rule in rules:
             self.events_dead_lettered.labels(self.reason(rule)).inc()
         observe = self.event_latency.observe

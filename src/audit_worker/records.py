@@ -46,6 +46,9 @@ class PreparedEvent:
     actor_hmac: bytes
     data_key_id: str | None
     body: bytes  # canonical JSON without log_index and recorded
+    # Keyed digest of the event's content (not of its ciphertext, which differs on every
+    # sealing): a replayed event id with another body is a conflict, not a retry.
+    fingerprint: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +78,7 @@ class RecordBuilder:
         entity_ids = [e.id for e in event.entity if e.id is not None]
         if entity_ids:
             sensitive["entity_ids"] = entity_ids
-        sealed = None
-        if sensitive:
-            # The event id is the associated data: a ciphertext moved to another row fails.
-            blob = self._cipher.encrypt(data_key, _dumps(sensitive), event.event_id.bytes)
-            sealed = {"key_id": data_key.key_id, "ct": base64.b64encode(blob).decode("ascii")}
-        body = {
+        body: dict[str, Any] = {
             "action": event.action,
             "actor_hmac": actor.hex(),
             "agent_role": event.agent.role,
@@ -94,13 +92,23 @@ class RecordBuilder:
             "patient_hmac": patient.hex() if patient else None,
             "purpose_of_use": event.purpose_of_use,
             "requestor": event.agent.requestor,
-            "sealed": sealed,
+            "sealed": None,
             "source": {
                 "observer": event.source.observer,
                 "site": event.source.site,
                 "type": event.source.type,
             },
         }
+        plain = _dumps(body)
+        secret = _dumps(sensitive) if sensitive else b""
+        fingerprint = self._pseudo.fingerprint(plain + b"\x00" + secret)
+        if sensitive:
+            # The event id is the associated data: a ciphertext moved to another row fails.
+            blob = self._cipher.encrypt(data_key, secret, event.event_id.bytes)
+            body["sealed"] = {
+                "key_id": data_key.key_id, "ct": base64.b64encode(blob).decode("ascii")
+            }
+            plain = _dumps(body)
         return PreparedEvent(
             event_id=event.event_id,
             occurred=event.occurred,
@@ -108,8 +116,9 @@ class RecordBuilder:
             outcome=event.outcome,
             patient_hmac=patient,
             actor_hmac=actor,
-            data_key_id=data_key.key_id if sealed else None,
-            body=_dumps(body),
+            data_key_id=data_key.key_id if sensitive else None,
+            body=plain,
+            fingerprint=fingerprint,
         )
 
 

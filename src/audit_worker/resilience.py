@@ -13,7 +13,9 @@ time until the breaker lets the next trial through, so an outage costs one probe
 `reset_seconds`, and the first probe after the dependency returns succeeds.
 
 `classify` maps an exception to the dependency it came from (or None for anything that is
-not a dependency failure: those are bugs or integrity failures and are never retried).
+not a transient dependency failure: bugs, integrity failures, and PostgreSQL errors that
+one entry or the configuration caused; those are never retried here). PostgreSQL errors
+are sorted by SQLSTATE in `postgres_error_kind`.
 """
 
 from __future__ import annotations
@@ -163,32 +165,94 @@ class CircuitBreaker:
 
 # --------------------------------------------------------------------------- errors
 
-_POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
+# Socket-level failures (refused, reset, timed out) carry no dependency of their own: the
+# caller says which dependency it was talking to.
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisUnavailable)
+_KMS_ERRORS: tuple[type[BaseException], ...] = (KeyUnavailableError, KeyServiceUnavailable)
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+# Client-side driver failures without a SQLSTATE: a connection lost or in a bad state
+# (e.g. "cannot switch to state 15; another operation is in progress" on a pooled
+# connection the server terminated mid-query). The pool replaces the connection.
+_POSTGRES_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
-    # e.g. "cannot switch to state 15; another operation is in progress" on a pooled
-    # connection the server terminated mid-query: the pool replaces the connection.
     asyncpg.InternalClientError,
     DatabaseUnavailable,
 )
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisUnavailable)
-_KMS_ERRORS: tuple[type[BaseException], ...] = (KeyUnavailableError, KeyServiceUnavailable)
-# Socket-level failures (refused, reset, timed out) carry no dependency of their own: the
-# caller says which dependency it was talking to.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+
+PostgresErrorKind = Literal["transient", "entry", "halt"]
+
+# What a PostgreSQL error means, by SQLSTATE (class = first two characters); the error-
+# handling guide's table is this one. Exact codes are looked up before classes.
+#   transient  the server or the connection; retried with backoff behind the breaker
+#   entry      one entry's data; the batch is split until that entry is found, and only
+#              it is dead-lettered (rule sqlstate_XXXXX)
+#   halt       configuration or permissions; the writer stops loudly until fixed
+_SQLSTATE_KINDS: dict[str, PostgresErrorKind] = {
+    "08": "transient",  # connection exception
+    "40": "transient",  # serialization failure, deadlock
+    "53": "transient",  # insufficient resources (disk full, out of memory, too many connections)
+    "57": "transient",  # operator intervention: admin or crash shutdown, cannot connect now
+    "58": "transient",  # system error (I/O)
+    "55P03": "transient",  # lock not available
+    "55006": "transient",  # object in use
+    "25006": "transient",  # read-only transaction: connected to a standby during a switchover
+    "57P04": "halt",  # database dropped
+    "22": "entry",  # data exception (e.g. 22021 invalid byte sequence, 22001 too long)
+    "23": "entry",  # integrity constraint violation (unique, check, not null, foreign key)
+    "54": "entry",  # program limit exceeded (e.g. a row too large for an index)
+}
+
+
+def postgres_error_kind(exc: BaseException) -> PostgresErrorKind | None:
+    """transient, entry or halt for a PostgreSQL error; None for anything else. A SQLSTATE
+    in no row of the table halts: an error nobody planned for must not be retried forever
+    or blamed on an entry."""
+    if isinstance(exc, _POSTGRES_CLIENT_ERRORS):
+        return "transient"
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    code = str(getattr(exc, "sqlstate", "") or "")
+    return _SQLSTATE_KINDS.get(code) or _SQLSTATE_KINDS.get(code[:2]) or "halt"
+
+
+_HINTS = {
+    "28": "check the login and its password or IAM token (AUDIT_DATABASE_URL)",
+    "3D": "the database in AUDIT_DATABASE_URL does not exist: fix the URL",
+    "3F": "the audit schema is missing: run `audit-worker migrate`",
+    "42501": "the login lacks a grant: GRANT audit_writer TO the worker's login, then "
+    "run `audit-worker migrate` as the owner",
+    "42": "the schema does not match this release: run `audit-worker migrate`",
+    "57P04": "the database was dropped: point AUDIT_DATABASE_URL at the log's database",
+}
+
+
+def configuration_hint(code: str) -> str:
+    """What an operator should do about a SQLSTATE that halts the writer."""
+    return _HINTS.get(code) or _HINTS.get(code[:2]) or (
+        "an unplanned database error: look up the SQLSTATE, fix the cause, and the writer "
+        "resumes at its next check"
+    )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The five-character SQLSTATE of a PostgreSQL error, when it is one."""
+    code = str(getattr(exc, "sqlstate", "") or "")
+    return code if len(code) == 5 and code.isalnum() else None
 
 
 def classify(exc: BaseException, talking_to: Dependency | None = None) -> Dependency | None:
-    """The dependency an exception says is failing, or None when it is not a dependency
-    failure (a bug, or an integrity failure, which must never be retried)."""
+    """The dependency an exception says is failing (and so worth retrying), or None when
+    it is not a transient dependency failure: a bug, an integrity failure, or a PostgreSQL
+    error of kind entry or halt (see `postgres_error_kind`). Those are never retried."""
     if isinstance(exc, BreakerOpen):
         return exc.name if exc.name in DEPENDENCIES else None
     if isinstance(exc, _REDIS_ERRORS):
         return "redis"
     if isinstance(exc, _KMS_ERRORS):
         return "kms"
-    if isinstance(exc, _POSTGRES_ERRORS):
-        return "postgres"
+    kind = postgres_error_kind(exc)
+    if kind is not None:
+        return "postgres" if kind == "transient" else None
     if isinstance(exc, _TRANSPORT_ERRORS):
         return talking_to
     return None

@@ -9,7 +9,10 @@ intake). How it behaves under failure:
   pending in the stream and are stored once PostgreSQL returns. Nothing new is read.
 * Redis down: reads and acknowledgements are retried the same way; the Redis client
   reconnects by itself. A batch already committed is acknowledged once Redis is back
-  (never committed twice: the sequencer skips event ids already in the log).
+  (never committed twice: the sequencer skips event ids already in the log). The HTTP
+  intake spools accepted events in PostgreSQL meanwhile (`audit_worker.db.spool`); the
+  consumer moves them into the log in spool order, taking turns with the stream, once
+  Redis answers again and the slot is active.
 * KMS down: the failing call (data-key rotation, tree-head signing) is retried; events
   keep being stored with the current data key until it must rotate.
 * Tamper, sequence or signature failure: the writer stops for good (no more reads, no more
@@ -52,10 +55,11 @@ from audit_worker.crypto import (
     SignatureError,
 )
 from audit_worker.db.migrate import require_current
+from audit_worker.db.spool import IntakeSpool, SpoolOpener
 from audit_worker.db.store import LogStore
 from audit_worker.errors import DependencyError, IntegrityError, MigrationError
 from audit_worker.health import HealthChecks, ServiceStatus
-from audit_worker.intake import StreamIntake
+from audit_worker.intake import StreamEntry, StreamIntake
 from audit_worker.keyring import build_keys
 from audit_worker.metrics import Metrics
 from audit_worker.records import RecordBuilder
@@ -67,8 +71,11 @@ from audit_worker.resilience import (
     acquire,
     call_with_retry,
     classify,
+    configuration_hint,
     describe_error,
+    postgres_error_kind,
     sleep_or_stop,
+    sqlstate,
 )
 from audit_worker.slots import UNGATED, SlotDecision, SlotGate
 from audit_worker.worker import BatchResult, CommittedBatch, Triaged, Worker
@@ -80,6 +87,9 @@ log = structlog.stdlib.get_logger("audit_worker")
 HMAC_PURPOSE = "hmac"
 INTEGRITY_FAILURES = (IntegrityError, SignatureError)
 PROGRESS_LOG_SECONDS = 10.0
+# How often the consumer looks for events another process's intake spooled (its own
+# intake tells it at once). An indexed LIMIT query on an empty table: cheap.
+SPOOL_POLL_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -138,10 +148,13 @@ async def assemble(
         settings.redis_url.get_secret_value(), socket_timeout=settings.block_ms / 1000 + 5
     )
     try:
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=settings.database_acquire_timeout_seconds) as conn:
             await require_current(cast(asyncpg.Connection, conn))
             await conn.execute("SELECT audit.ensure_partitions(2)")
-        store = LogStore(pool, settings.log_id)
+        store = LogStore(
+            pool, settings.log_id, acquire_timeout=settings.database_acquire_timeout_seconds
+        )
+        await store.pin_log_id()
         wrapper, signer = build_keys(settings, create=create_keys)
         pseudonymiser = Pseudonymiser(await load_hmac_key(store, wrapper))
         cipher = FieldCipher()
@@ -217,6 +230,7 @@ class Service:
             lambda: self.parts.pool if self.parts is not None else None,
         )
         self.http_port: int | None = None
+        self.intake_port: int | None = None
         self.stop_event = asyncio.Event()
         self._integrity_exc: BaseException | None = None
         self._app: FastAPI | None = None
@@ -226,6 +240,12 @@ class Service:
         )
         self._progress = {"stored": 0, "dead_lettered": 0, "duplicates": 0}
         self._progress_at = time.monotonic()
+        # The intake's PostgreSQL spool: when to look next, whether more rows are known to
+        # wait, and how many were handed to the log since it was last found empty.
+        self._spool_check_at = 0.0
+        self._spool_backlog = False
+        self._spool_moved = 0
+        self._spool_opener: SpoolOpener | None = None
 
     @property
     def app(self) -> FastAPI:
@@ -234,6 +254,11 @@ class Service:
 
             self._app = create_app(self)
         return self._app
+
+    def note_spooled(self, count: int) -> None:
+        """The intake spooled `count` events: drain before the next batch, not at the poll."""
+        self._spool_backlog = True
+        self.metrics.intake_spool_depth.inc(count)
 
     @property
     def worker(self) -> Worker | None:
@@ -354,6 +379,13 @@ class Service:
                 problem = f"key service: {describe_error(exc)}"
                 self.breakers["kms"].record_failure(describe_error(exc))
             except Exception as exc:
+                if postgres_error_kind(exc) == "halt":
+                    # Wrong password, missing database or grant: waiting with backoff
+                    # will not fix it; say so loudly and look again now and then.
+                    problem = self._configuration_failed(exc, "start-up")
+                    self.status.startup_problem = problem
+                    await sleep_or_stop(stop, s.configuration_recheck_seconds)
+                    continue
                 dependency = classify(exc, "postgres")
                 if dependency is None:
                     raise
@@ -361,6 +393,7 @@ class Service:
                 self.breakers[dependency].record_failure(describe_error(exc))
             else:
                 self.status.startup_problem = None
+                self._configuration_fixed()
                 for breaker in self.breakers.values():
                     if breaker.state.name != "CLOSED":
                         breaker.record_success()
@@ -446,7 +479,9 @@ class Service:
 
         async def read() -> list[Any]:
             try:
-                return await intake.read_batch(s.batch_size, s.block_ms)
+                # While spooled events wait, do not idle on an empty stream.
+                block = 1 if self._spool_backlog else s.block_ms
+                return await intake.read_batch(s.batch_size, block)
             except BaseException:
                 # The reply may have been lost after Redis delivered entries to us: read
                 # our own pending entries first next time.
@@ -456,6 +491,8 @@ class Service:
         # One batch commits while the next is read and triaged: the CPU work of a batch
         # overlaps the database's work on the previous one.
         inflight: asyncio.Task[None] | None = None
+        took_spool = False  # spool and stream take turns while both have entries
+        inflight_spooled = 0  # highest spool id in the batch in flight (0: none spooled)
         try:
             while not stop.is_set():
                 self.status.beat()
@@ -471,14 +508,25 @@ class Service:
                         inflight = None
                     await sleep_or_stop(stop, s.slot_poll_seconds)
                     continue
-                try:
-                    entries = await self._retry(read, ("redis",), stop)
-                except Exception:
-                    if stop.is_set():
-                        break
-                    raise
+                entries: list[Any] = []
+                if not took_spool and self._spool_due():
+                    # The rows of a spooled batch in flight go only when it commits: read
+                    # past them, so the next batch is read and triaged meanwhile.
+                    pending = inflight is not None and not inflight.done()
+                    entries = await self._read_spool(
+                        worker, stop, after=inflight_spooled if pending else 0
+                    )
+                took_spool = bool(entries)
                 if not entries:
-                    if inflight is not None:
+                    try:
+                        entries = await self._retry(read, ("redis",), stop)
+                    except Exception:
+                        if stop.is_set():
+                            break
+                        raise
+                if not entries:
+                    # While spooled events wait, the next spool batch overlaps this one.
+                    if inflight is not None and not self._spool_backlog:
                         await inflight
                         inflight = None
                     continue
@@ -492,6 +540,7 @@ class Service:
                 if self._integrity_exc is not None:
                     continue  # the writer halted while this batch was being read
                 inflight = asyncio.create_task(self._process(worker, entries, triaged))
+                inflight_spooled = (entries[-1].spool_id or 0) if took_spool else 0
             if inflight is not None:
                 await inflight
         except asyncio.CancelledError:
@@ -500,30 +549,117 @@ class Service:
                 await asyncio.gather(inflight, return_exceptions=True)
             raise
 
+    def _spool_due(self) -> bool:
+        return self._spool_backlog or time.monotonic() >= self._spool_check_at
+
+    async def _read_spool(
+        self, worker: Worker, stop: asyncio.Event, *, after: int = 0
+    ) -> list[StreamEntry]:
+        """The oldest spooled events (up to a batch, spool ids above `after`), opened, in
+        spool order. Called only when the slot gate said active (for a slot, that needs
+        Redis: a standby never drains); `Worker.commit` deletes their rows in the
+        transaction that appends them. A row that committed late below `after` is read by
+        a later call without it. [] when there are none, on stop, or when
+        the spool cannot be read for a reason retrying does not fix (logged; looked at
+        again after `configuration_recheck_seconds`, the stream is served meanwhile)."""
+        s = self.settings
+        parts = self.parts
+        self._spool_check_at = time.monotonic() + SPOOL_POLL_SECONDS
+        if parts is None:
+            return []
+        spool = IntakeSpool(parts.pool, acquire_timeout=s.database_acquire_timeout_seconds)
+        opener = self._spool_opener
+        if opener is None or opener.cipher is not worker.cipher:
+            opener = self._spool_opener = SpoolOpener(
+                worker.cipher, worker.data_keys.wrapper, purpose=worker.data_keys.purpose
+            )
+
+        async def fetch() -> list[StreamEntry]:
+            return await opener.entries(await spool.fetch(s.batch_size, after=after))
+
+        try:
+            # A KMS failure while unwrapping is charged to the KMS breaker and retried.
+            entries = await self._retry(fetch, ("postgres",), stop)
+        except Exception as exc:
+            self._spool_backlog = False
+            if not stop.is_set():
+                self._spool_check_at = time.monotonic() + s.configuration_recheck_seconds
+                log.error("intake spool not drained; trying again later",
+                          error=describe_error(exc))
+            return []
+        self._spool_backlog = len(entries) >= s.batch_size
+        self._spool_moved += len(entries)
+        if not self._spool_backlog and self._spool_moved:
+            log.info("intake spool drained into the log", events=self._spool_moved)
+            self._spool_moved = 0
+        return entries
+
     async def _process(
         self, worker: Worker, entries: list[Any], triaged: Triaged | None = None
     ) -> None:
         """Commit and acknowledge one batch, retrying until it is done (the grace
-        deadline on shutdown cancels it; its entries then stay pending)."""
+        deadline on shutdown cancels it; its entries then stay pending). A configuration
+        or permission error halts the writer: the batch is tried again every
+        `configuration_recheck_seconds` until it commits or the worker stops."""
         self.metrics.events_received.inc(len(entries))
         started = time.perf_counter()
-        try:
-            committed: CommittedBatch = await self._retry(
-                lambda: worker.commit(entries, triaged), ("postgres",), None
-            )
-        except INTEGRITY_FAILURES as exc:
-            self._halt(exc)
-            return
+        hand: list[Triaged | None] = [triaged]
+
+        async def commit() -> CommittedBatch:
+            return await worker.commit(entries, hand[0])
+
+        while True:
+            try:
+                committed = await self._retry(commit, ("postgres",), None)
+            except INTEGRITY_FAILURES as exc:
+                self._halt(exc)
+                return
+            except Exception as exc:
+                if postgres_error_kind(exc) != "halt":
+                    raise
+                self._configuration_failed(exc, "commit")
+                await sleep_or_stop(self.stop_event, self.settings.configuration_recheck_seconds)
+                if self.stop_event.is_set():
+                    return  # nothing was stored: the entries stay pending
+                hand[0] = None  # re-triage: the data key may have rotated meanwhile
+                continue
+            break
+        self._configuration_fixed()
         seconds = time.perf_counter() - started
         result = committed.result
         self.metrics.observe_batch(result, result.dead_letter_rules, seconds)
         self.metrics.note_tree_size(worker.frontier.size)
         self._log_batch(result, committed, seconds)
-        await self._retry(lambda: worker.acknowledge(committed), ("redis",), None)
+        if committed.entry_ids or committed.dead_letters:  # a spooled batch may need none
+            await self._retry(lambda: worker.acknowledge(committed), ("redis",), None)
         self.status.batches += 1
         self.status.last_batch_at = time.time()
         if self.on_batch is not None and result.read:
             self.on_batch(result)
+
+    def _configuration_failed(self, exc: BaseException, during: str) -> str:
+        """A PostgreSQL error that only an operator can fix: readiness false, a critical
+        line naming the SQLSTATE and the fix, the metric. Returns the problem text."""
+        code = sqlstate(exc) or "unknown"
+        problem = f"PostgreSQL refused the worker's {during} ({describe_error(exc)}): " + (
+            configuration_hint(code)
+        )
+        self.status.configuration_problem = problem
+        self.metrics.configuration_failures.labels(code).inc()
+        self.metrics.configuration_halted.set(1)
+        log.critical(
+            "configuration error: the writer is halted until it is fixed", sqlstate=code,
+            error=describe_error(exc), fix=configuration_hint(code),
+            retry_in_s=self.settings.configuration_recheck_seconds,
+            alert="audit_configuration_failure",
+        )
+        return problem
+
+    def _configuration_fixed(self) -> None:
+        if self.status.configuration_problem is not None:
+            log.warning("configuration error cleared: the writer resumes")
+            self.status.configuration_problem = None
+            self.metrics.configuration_halted.set(0)
 
     def _log_batch(self, result: BatchResult, batch: CommittedBatch, seconds: float) -> None:
         if logging.getLogger("audit_worker").isEnabledFor(logging.DEBUG):
@@ -540,6 +676,17 @@ class Service:
             log.warning(
                 "event dead-lettered", stream_entry_id=entry_id, field=field, rule=rule,
                 value_class=value_class,
+            )
+        if result.conflict_ids:
+            log.error(
+                "replayed event ids with another body than the stored one (not stored)",
+                event_ids=[str(i) for i in result.conflict_ids[:50]],
+                count=len(result.conflict_ids), alert="audit_event_conflict",
+            )
+        if result.redelivered:
+            log.warning(
+                "entries redelivered more often than AUDIT_MAX_DELIVERIES (crashes or "
+                "outages); processed as usual", count=result.redelivered,
             )
         if result.duplicate_ids:
             log.info(
@@ -586,7 +733,9 @@ class Service:
                     breaker.record_failure(describe_error(exc))
                 else:
                     breaker.release()
-            if failing is None:
+            if postgres_error_kind(exc) == "halt":
+                self._configuration_failed(exc, "tree-head signing")
+            elif failing is None:
                 log.exception("signing the tree head failed")
             else:
                 self.metrics.retries.labels(failing).inc()
@@ -612,7 +761,8 @@ class Service:
 
     # ------------------------------------------------------------------ gauges
     async def refresh_stats(self) -> None:
-        """Stream lag and pending, newest signed tree head; failures leave old values."""
+        """Stream lag and pending, the intake spool's depth, newest signed tree head;
+        failures leave old values."""
         try:
             lag, pending = await asyncio.wait_for(self._stats_intake.backlog(), timeout=2)
         except Exception as exc:  # best effort: the gauges keep their last values
@@ -624,6 +774,12 @@ class Service:
         parts = self.parts
         if parts is None:
             return
+        try:
+            depth = await IntakeSpool(parts.pool, acquire_timeout=2).depth(timeout=2)
+        except Exception as exc:
+            log.debug("spool gauge not refreshed", error=describe_error(exc))
+        else:
+            self.metrics.intake_spool_depth.set(depth)
         try:
             async with parts.pool.acquire(timeout=2) as conn:
                 row = await conn.fetchrow(
@@ -670,39 +826,90 @@ class Service:
             await sleep_or_stop(stop, self.settings.stats_interval_seconds)
 
     # ------------------------------------------------------------------ HTTP
-    async def _start_http(self) -> tuple[Any, asyncio.Task[None]]:
-        from audit_worker.http.server import QuietServer, make_config
-
-        s = self.settings
-        family = socket.AF_INET6 if ":" in s.http_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    @staticmethod
+    def _listen(host: str, port: int, variable: str) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto IPPROTO_TCP: asyncio turns on TCP_NODELAY only for such sockets; without it
+        # every answer waits about 40 ms for the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((s.http_host, s.http_port))
+            sock.bind((host, port))
         except OSError as exc:
             sock.close()
             raise DependencyError(
-                f"cannot listen on {s.http_host}:{s.http_port} ({exc.strerror}): "
-                "set AUDIT_HTTP_PORT to a free port (0 picks one)"
+                f"cannot listen on {host}:{port} ({exc.strerror}): "
+                f"set {variable} to a free port (0 picks one)"
             ) from None
-        self.http_port = sock.getsockname()[1]
-        server = QuietServer(make_config(self.app))
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="audit-http")
-        while not server.started and not task.done():
+        return sock
+
+    async def _start_http(self) -> tuple[list[Any], asyncio.Task[None]]:
+        """Two uvicorn servers, each on its own socket with its own limits, so producers
+        can never take the connections the probes need: health and metrics on
+        ``http_port``, the intake on ``intake_port`` (see `audit_worker.http.server`)."""
+        from audit_worker.http.app import HEALTH_PATHS, INTAKE_PATHS, OnlyPaths
+        from audit_worker.http.server import (
+            HEALTH_LIMITS,
+            INTAKE_MAX_HEAD_BYTES,
+            ListenerLimits,
+            QuietServer,
+            make_config,
+        )
+
+        s = self.settings
+        health_sock = self._listen(s.http_host, s.http_port, "AUDIT_HTTP_PORT")
+        try:
+            intake_sock = self._listen(s.http_host, s.intake_port, "AUDIT_INTAKE_PORT")
+        except BaseException:
+            health_sock.close()
+            raise
+        self.http_port = health_sock.getsockname()[1]
+        self.intake_port = intake_sock.getsockname()[1]
+        intake_limits = ListenerLimits(
+            max_connections=s.intake_max_connections,
+            header_timeout=s.intake_header_timeout_seconds,
+            keep_alive=s.intake_keep_alive_seconds,
+            max_head_bytes=INTAKE_MAX_HEAD_BYTES,
+            backlog=s.intake_max_connections,
+        )
+        listeners = [
+            (OnlyPaths(self.app, HEALTH_PATHS, "health"), HEALTH_LIMITS, health_sock),
+            (OnlyPaths(self.app, INTAKE_PATHS, "intake"), intake_limits, intake_sock),
+        ]
+        servers = [QuietServer(make_config(app, limits)) for app, limits, _ in listeners]
+
+        async def serve() -> None:
+            try:
+                async with asyncio.TaskGroup() as group:  # one failing stops the other
+                    for server, (_, _, sock) in zip(servers, listeners, strict=True):
+                        group.create_task(server.serve(sockets=[sock]))
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+
+        task = asyncio.create_task(serve(), name="audit-http")
+        deadline = time.monotonic() + 10  # uvicorn starts in milliseconds: a hang is a bug
+        while not all(server.started for server in servers) and not task.done():
+            if time.monotonic() > deadline:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise DependencyError("the HTTP listeners did not start within 10 s")
             await asyncio.sleep(0.01)
         if task.done():
             task.result()
-        log.info("http listening", host=s.http_host, port=self.http_port)
-        return server, task
+        log.info(
+            "http listening", host=s.http_host, port=self.http_port,
+            intake_port=self.intake_port,
+        )
+        return servers, task
 
-    async def _stop_http(self, server: Any, task: asyncio.Task[None]) -> None:
-        server.should_exit = True
+    async def _stop_http(self, servers: list[Any], task: asyncio.Task[None]) -> None:
+        for server in servers:
+            server.should_exit = True
         try:
             await asyncio.wait_for(task, timeout=3)
         except (TimeoutError, Exception):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
 
 async def run(
     settings: WorkerSettings,
@@ -715,8 +922,8 @@ async def run(
     metrics: Metrics | None = None,
 ) -> Worker:
     """Consume until `stop` is set or SIGTERM arrives; then finish the batch in hand,
-    acknowledge it and sign a final tree head. With `serve_http`, also serve health,
-    metrics and intake on ``settings.http_host:http_port``."""
+    acknowledge it and sign a final tree head. With `serve_http`, also serve health and
+    metrics on ``settings.http_host:http_port`` and the intake on ``intake_port``."""
     service = Service(
         settings, create_keys=create_keys, on_batch=on_batch, serve_http=serve_http,
         metrics=metrics,

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from audit_worker.crypto import (
+    CryptoError,
     DataKey,
     DataKeyManager,
     FieldCipher,
@@ -22,14 +23,19 @@ from audit_worker.crypto import (
     TreeHeadSigner,
     verify_tree_head,
 )
-from audit_worker.db.store import DeadLetter, LogStore, StoredTreeHead
-from audit_worker.events import AuditEvent, Rejection, parse_event
+from audit_worker.db.store import AppendResult, DeadLetter, LogStore, StoredTreeHead
+from audit_worker.errors import AuditError
+from audit_worker.events import Rejection, parse_event, rejection, value_class
 from audit_worker.intake import StreamEntry, StreamIntake
 from audit_worker.merkle import CompactRange
 from audit_worker.records import PreparedEvent, RecordBuilder
+from audit_worker.resilience import classify, postgres_error_kind, sqlstate
 
-# What `Worker.triage` makes of a batch: the events to append, the dead letters, the key.
-Triaged = tuple[list[PreparedEvent], list[DeadLetter], DataKey]
+# One entry of a batch and what triage made of it: an event to append or a dead letter.
+Unit = tuple[StreamEntry, PreparedEvent | DeadLetter]
+# What `Worker.triage` makes of a batch: its units and the data key they were sealed with.
+Triaged = tuple[list[Unit], DataKey]
+
 
 @dataclass
 class BatchResult:
@@ -44,6 +50,13 @@ class BatchResult:
     stored_events: list[tuple[uuid.UUID, int]] = field(default_factory=list)
     duplicate_ids: list[uuid.UUID] = field(default_factory=list)
     dead_letter_rules: list[str] = field(default_factory=list)
+    # Event ids replayed with another body than the one stored (skipped, never stored).
+    conflict_ids: list[uuid.UUID] = field(default_factory=list)
+    # Entries the stream delivered more often than the limit (crashes, outages): reported,
+    # never dead-lettered for it.
+    redelivered: int = 0
+    # Database refusals that the batch was split to isolate (SQLSTATEs, for the metric).
+    isolated_sqlstates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +75,7 @@ class WorkerStats:
     duplicates: int = 0
     dead_lettered: int = 0
     tree_heads: int = 0
+    conflicts: int = 0
 
 
 class Worker:
@@ -103,65 +117,137 @@ class Worker:
             key.key_id if sealed is not None else None,
         )
 
+    def _triage_one(self, entry: StreamEntry, key: DataKey) -> PreparedEvent | Rejection:
+        if entry.payload is None:
+            if entry.spool_id is not None:  # spooled, but its sealed payload did not open
+                return rejection("(entry)", "sealed", "spool_undecryptable")
+            return rejection("(entry)", "missing", "missing_event_field")
+        outcome = parse_event(entry.payload, max_future_skew=self.max_future_skew)
+        if isinstance(outcome, Rejection):
+            return outcome
+        try:
+            return self.builder.prepare(outcome, key)
+        except Exception:
+            # A validated event that cannot be prepared is a bug, not a reason to stop.
+            return rejection("(event)", value_class(entry.payload), "unprocessable")
+
     def triage(self, entries: list[StreamEntry]) -> Triaged:
-        """Parse and seal a batch: CPU only, no I/O."""
+        """Parse and seal a batch: CPU only, no I/O. Never raises for an entry's sake; a
+        key-service failure for the data key propagates (the commit retries it)."""
         key = self.data_keys.current()
-        prepared: list[PreparedEvent] = []
-        dead: list[DeadLetter] = []
+        units: list[Unit] = []
         for entry in entries:
-            outcome: AuditEvent | Rejection
-            if entry.deliveries > self.max_deliveries:
-                outcome = Rejection(
-                    "(entry)", "stream-entry", "delivery_limit_exceeded",
-                    f"delivered {entry.deliveries} times, the limit is {self.max_deliveries}",
-                )
-            elif entry.payload is None:
-                outcome = Rejection(
-                    "(entry)", "missing", "missing_event_field",
-                    "stream entry has no 'event' field",
-                )
-            else:
-                outcome = parse_event(entry.payload, max_future_skew=self.max_future_skew)
+            outcome = self._triage_one(entry, key)
             if isinstance(outcome, Rejection):
-                dead.append(self._dead_letter(entry, outcome, key))
+                units.append((entry, self._dead_letter(entry, outcome, key)))
             else:
-                prepared.append(self.builder.prepare(outcome, key))
+                units.append((entry, outcome))
         self.data_keys.note_use(len(entries))
-        return prepared, dead, key
+        return units, key
 
     async def commit(
         self, entries: list[StreamEntry], triaged: Triaged | None = None
     ) -> CommittedBatch:
-        """Validate, seal and append one batch in one transaction. Raises on database or key
-        failure with nothing stored; may be called again with the same entries. `triaged`
-        is `triage(entries)` when the caller already did it (while the previous batch was
-        committing)."""
+        """Validate, seal and append one batch. Raises on a transient database or key
+        failure, or on one that configuration caused, with nothing new stored; may be
+        called again with the same entries (what a split batch already stored is then
+        skipped as replayed). `triaged` is `triage(entries)` when the caller already did it
+        (while the previous batch was committing).
+
+        A row PostgreSQL refuses for its data (SQLSTATE class 22, 23 or 54), or an
+        unforeseen error while appending, splits the batch in halves until the entry is
+        found; only that entry is dead-lettered and the others are stored."""
         result = BatchResult(read=len(entries))
         if not entries:
             return CommittedBatch([], [], result)
-        prepared, dead, key = triaged if triaged is not None else self.triage(entries)
+        units, key = triaged if triaged is not None else self.triage(entries)
+        result.redelivered = sum(1 for e in entries if e.deliveries > self.max_deliveries)
         new_keys = [] if key.key_id in self._persisted_keys else [key]
-        appended = await self.store.append(self.frontier, prepared, dead, new_keys)
-        self.frontier = appended.frontier
+        appended: list[AppendResult] = []
+        dead: list[DeadLetter] = []
+        await self._append_isolating(units, key, new_keys, appended, dead, result)
         self._persisted_keys.add(key.key_id)
         committed_ms = time.time() * 1000
-        result.stored = len(appended.stored)
-        result.duplicates = len(appended.duplicates)
+        stored = [s for a in appended for s in a.stored]
+        result.stored = len(stored)
+        result.duplicate_ids = [i for a in appended for i in a.duplicates]
+        result.duplicates = len(result.duplicate_ids)
+        result.conflict_ids = [i for a in appended for i in a.conflicts]
         result.dead_lettered = len(dead)
-        result.first_index = appended.stored[0].log_index if appended.stored else None
+        result.first_index = stored[0].log_index if stored else None
         result.latencies_ms = [committed_ms - e.added_ms for e in entries]
-        result.stored_events = [(s.prepared.event_id, s.log_index) for s in appended.stored]
-        result.duplicate_ids = list(appended.duplicates)
+        result.stored_events = [(s.prepared.event_id, s.log_index) for s in stored]
         result.dead_letter_rules = [d.rejection.rule for d in dead]
         self.stats.batches += 1
         self.stats.stored += result.stored
         self.stats.duplicates += result.duplicates
         self.stats.dead_lettered += result.dead_lettered
+        self.stats.conflicts += len(result.conflict_ids)
         announcements = [
             (d.stream_entry_id or "", d.rejection.field, d.rejection.rule,
              d.rejection.value_class) for d in dead
         ]
-        return CommittedBatch([e.entry_id for e in entries], announcements, result)
+        # Spooled entries came from PostgreSQL: there is nothing to XACK for them.
+        stream_ids = [e.entry_id for e in entries if e.spool_id is None]
+        return CommittedBatch(stream_ids, announcements, result)
+
+    async def _append_isolating(
+        self,
+        units: list[Unit],
+        key: DataKey,
+        new_keys: list[DataKey],
+        appended: list[AppendResult],
+        dead: list[DeadLetter],
+        result: BatchResult,
+    ) -> None:
+        """Append `units` in one transaction; on an entry's error, split and recurse.
+        Each part that succeeds is committed at once (and `self.frontier` follows it)."""
+        prepared = [u for _, u in units if isinstance(u, PreparedEvent)]
+        letters = [u for _, u in units if isinstance(u, DeadLetter)]
+        spooled = [e.spool_id for e, _ in units if e.spool_id is not None]
+        attempts = 0
+        replaced = False  # the entry is now a dead letter with fixed text only
+        while True:
+            try:
+                outcome = await self.store.append(
+                    self.frontier, prepared, letters, new_keys, spooled
+                )
+            except Exception as exc:
+                if replaced or not self._entry_may_be_at_fault(exc):
+                    raise
+                if len(units) > 1:
+                    break
+                attempts += 1
+                code = sqlstate(exc)
+                if code is None and attempts < self.max_deliveries:
+                    continue  # an unforeseen error: the entry gets max_deliveries tries
+                entry = units[0][0]
+                rule = f"sqlstate_{code}" if code is not None else "delivery_limit_exceeded"
+                if code is not None:
+                    result.isolated_sqlstates.append(code)
+                letters = [self._dead_letter(entry, rejection("(event)", value_class(
+                    entry.payload), rule), key)]
+                prepared = []
+                replaced = True
+                continue
+            self.frontier = outcome.frontier
+            new_keys.clear()  # stored with the first part that committed
+            appended.append(outcome)
+            dead.extend(letters)
+            return
+        middle = len(units) // 2
+        for part in (units[:middle], units[middle:]):
+            await self._append_isolating(part, key, new_keys, appended, dead, result)
+
+    @staticmethod
+    def _entry_may_be_at_fault(exc: BaseException) -> bool:
+        """Whether splitting the batch could isolate the cause: a data error of one row,
+        or an error nobody planned for. Never dependency, configuration or integrity
+        failures."""
+        if isinstance(exc, AuditError | CryptoError) or classify(exc, "postgres") is not None:
+            return False
+        kind = postgres_error_kind(exc)
+        return kind == "entry" if kind is not None else True
 
     async def acknowledge(self, batch: CommittedBatch) -> None:
         """Announce the batch's dead letters and XACK its entries (Redis only)."""

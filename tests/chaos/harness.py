@@ -40,7 +40,8 @@ class WorkerProcess:
         self.port = free_port()
         self.env = {
             **os.environ, **env, "AUDIT_CONSUMER_NAME": name,
-            "AUDIT_HTTP_HOST": "127.0.0.1", "AUDIT_HTTP_PORT": str(self.port), **extra,
+            "AUDIT_HTTP_HOST": "127.0.0.1", "AUDIT_HTTP_PORT": str(self.port),
+            "AUDIT_INTAKE_PORT": "0", **extra,  # several workers: 8081 once at most
         }
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -55,6 +55,7 @@ WORKER_ENV = {
     "AUDIT_LOG_ID",
     "AUDIT_SLOT",
     "AUDIT_HTTP_PORT",
+    "AUDIT_INTAKE_PORT",
     "AUDIT_BATCH_SIZE",
     "AUDIT_SIGN_INTERVAL_SECONDS",
     "AUDIT_KEY_BACKEND",
@@ -303,7 +304,13 @@ def test_active_and_preview_services_select_the_right_slots(env: str) -> None:
         svc = services[f"{RELEASE}-{role}"]
         assert svc["spec"]["selector"][SLOT_LABEL] == slot, f"{env}: {role} Service"
         assert svc["spec"]["type"] == "ClusterIP"
-        assert svc["spec"]["ports"][0]["targetPort"] == "http"
+        # Health/metrics and the intake are separate listeners with their own limits.
+        ports = merged_values(env)["service"]
+        assert svc["spec"]["ports"] == [
+            {"name": "http", "port": ports["port"], "targetPort": "http", "protocol": "TCP"},
+            {"name": "intake", "port": ports["intakePort"], "targetPort": "intake",
+             "protocol": "TCP"},
+        ], f"{env}: {role} Service"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
@@ -315,10 +322,14 @@ def test_container_contract(env: str) -> None:
         pod = dep["spec"]["template"]["spec"]
         c = container(dep)
         assert c["command"] == ["audit-worker", "run"]
-        assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+        assert c["ports"] == [
+            {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+            {"name": "intake", "containerPort": 8081, "protocol": "TCP"},
+        ]
         env_vars = env_map(c)
         assert set(env_vars) == WORKER_ENV, f"{env}/{slot}: env {sorted(env_vars)}"
         assert env_vars["AUDIT_HTTP_PORT"] == "8080"
+        assert env_vars["AUDIT_INTAKE_PORT"] == "8081"
         assert env_vars["AUDIT_LOG_FORMAT"] == "json"
         assert env_vars["AUDIT_ENVIRONMENT"] == env
         assert env_vars["AUDIT_KEY_BACKEND"] in ("kms", "local")
@@ -371,6 +382,29 @@ def _assert_locked_down(owner: Manifest) -> None:
     assert not pod.get("hostNetwork") and not pod.get("hostPID"), name
 
 
+def test_intake_port_admits_only_the_producers_listed_and_is_closed_by_default(
+    tmp_path: Path,
+) -> None:
+    (closed,) = of_kind(render("prod")[1], "NetworkPolicy")
+    assert all(r["ports"] != [{"port": 8081, "protocol": "TCP"}]
+               for r in closed["spec"]["ingress"])
+    producers = {"namespace": "ehr", "matchLabels": {"app": "ehr-audit-producer"}}
+    extra = tmp_path / "intake.yaml"
+    extra.write_text(yaml.safe_dump({"networkPolicy": {
+        "ingress": {"namespaces": ["monitoring"], "pods": []},
+        "intake": {"namespaces": [], "pods": [producers]},
+    }}))
+    _, docs = render("prod", "-f", str(extra))
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    by_port = {r["ports"][0]["port"]: r["from"] for r in policy["spec"]["ingress"]}
+    assert by_port[8080] == [{"namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert by_port[8081] == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ehr"}},
+        "podSelector": {"matchLabels": {"app": "ehr-audit-producer"}},
+    }]
+
+
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_security_context_is_non_root_read_only(env: str) -> None:
     _, docs = render(env)
@@ -392,7 +426,8 @@ def test_network_policy_is_default_deny_with_listed_egress_only(env: str) -> Non
         "app.kubernetes.io/instance": RELEASE,
     }
     for rule in spec["ingress"]:
-        assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+        assert rule["ports"] in ([{"port": 8080, "protocol": "TCP"}],
+                                 [{"port": 8081, "protocol": "TCP"}])
         assert rule.get("from"), "an ingress rule without peers would admit everyone"
 
     allowed = {(53, "UDP"), (53, "TCP"), (5432, "TCP"), (6379, "TCP"), (443, "TCP")}
@@ -564,6 +599,30 @@ def test_service_monitor_is_opt_in() -> None:
     for doc in docs:
         if doc["kind"] not in CRD_KINDS:
             kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_probes_and_metrics_use_the_health_listener_and_producers_the_intake() -> None:
+    """The kubelet and Prometheus reach port 8080 only; the intake is 8081 (its own
+    connection limits), so producers can never take the probes' connections."""
+    _, docs = render("prod", "--set", "metrics.serviceMonitor.enabled=true",
+                     "--set", "service.intakePort=9443")
+    c = container(deployment(docs, "blue"))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8080, "intake": 8081}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] == "http"
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    active = by_name(docs, "Service")[f"{RELEASE}-active"]
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in active["spec"]["ports"]} == {
+        "http": (8080, "http"), "intake": (9443, "intake")}
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_schema_rejects_a_bad_intake_port() -> None:
+    assert "intakePort" in render_error("dev", "--set", "service.intakePort=0")
 
 
 def test_scrape_annotations_point_at_metrics() -> None:
@@ -964,6 +1023,45 @@ def test_the_worker_accepts_what_extra_env_renders() -> None:
     assert settings.slot_bootstrap is True and settings.log_level == "warning"
 
 
+def _container_env_names(docs: tuple[Manifest, ...]) -> dict[str, set[str]]:
+    """Variable names of every container and init container: where -> names."""
+    found: dict[str, set[str]] = {}
+    for doc in docs:
+        for path, key, value in walk(doc):
+            if key in ("containers", "initContainers"):
+                for c in value:
+                    assert "envFrom" not in c, f"{doc['kind']} {path}: envFrom hides names"
+                    where = f"{doc['kind']}/{doc['metadata']['name']}/{c['name']}"
+                    found[where] = {e["name"] for e in c.get("env", [])}
+    return found
+
+
+@pytest.mark.parametrize(
+    ("env", "extra"),
+    [
+        *((env, ()) for env in ENVIRONMENTS),
+        ("prod", ("--set", "secrets.intakeTokensKey=intake-tokens",
+                  "--set-json", "extraEnv=" + json.dumps(EXTRA_ENV))),
+    ],
+    ids=[*ENVIRONMENTS, "prod-intake-extra-env"],
+)
+def test_every_audit_variable_the_chart_sets_is_a_worker_setting(
+    env: str, extra: tuple[str, ...]
+) -> None:
+    """The worker refuses any AUDIT_* variable that is not a setting: the chart must not
+    set one, in any container (the migration Job and its init container included)."""
+    from audit_worker.config import WorkerSettings
+
+    fields = set(WorkerSettings.model_fields)
+    _, docs = render(env, *extra)
+    names = _container_env_names(docs)
+    assert names, "no containers rendered"
+    bad = {where: sorted(n for n in found if n.startswith("AUDIT_")
+                         and n.removeprefix("AUDIT_").lower() not in fields)
+           for where, found in names.items()}
+    assert not any(bad.values()), f"not worker settings: {bad}"
+
+
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
@@ -988,6 +1086,7 @@ def test_schema_rejects_bad_extra_env(extra: tuple[str, ...], key: str) -> None:
         ("AUDIT_KMS_SIGNING_KEY_ID", "keys.kmsSigningKeyId"),
         ("AUDIT_SLOT", "slot"),
         ("AUDIT_HTTP_PORT", "8080"),
+        ("AUDIT_INTAKE_PORT", "service.intakePort"),
         ("AUDIT_HTTP_HOST", "0.0.0.0"),
         ("AUDIT_LOG_FORMAT", "json"),
         ("AUDIT_CONSUMER_NAME", "own Redis consumer"),

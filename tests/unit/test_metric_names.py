@@ -11,7 +11,9 @@ from audit_worker.metrics import OTHER, Metrics, ReasonLabels
 from audit_worker.resilience import BreakerState
 from audit_worker.worker import BatchResult
 
-ALLOWED_LABELS = {"reason", "dependency", "code", "outcome", "version", "slot", "log_id"}
+ALLOWED_LABELS = {
+    "reason", "dependency", "code", "outcome", "version", "slot", "log_id", "sqlstate"
+}
 REQUIRED = {
     "audit_events_received", "audit_events_stored", "audit_events_dead_lettered",
     "audit_batch_size", "audit_event_latency_seconds", "audit_stream_lag",

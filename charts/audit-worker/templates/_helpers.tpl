@@ -174,6 +174,8 @@ rendered. extraEnv comes last; _validate.tpl refuses any name set here.
   value: {{ .Values.logId | quote }}
 - name: AUDIT_HTTP_PORT
   value: "8080"
+- name: AUDIT_INTAKE_PORT
+  value: "8081"
 - name: AUDIT_BATCH_SIZE
   value: {{ .Values.worker.batchSize | toString | quote }}
 - name: AUDIT_SIGN_INTERVAL_SECONDS
@@ -256,6 +258,7 @@ AUDIT_SLOT: "it is the slot of each Deployment (blue or green) and is set by the
 AUDIT_ENVIRONMENT: "set environment instead"
 AUDIT_LOG_ID: "set logId instead"
 AUDIT_HTTP_PORT: "the ports, probes and Services are on 8080"
+AUDIT_INTAKE_PORT: "the intake's container port, Service port (service.intakePort) and NetworkPolicy are on 8081"
 AUDIT_HTTP_HOST: "the probes and Services need the worker to listen on 0.0.0.0"
 AUDIT_BATCH_SIZE: "set worker.batchSize instead"
 AUDIT_SIGN_INTERVAL_SECONDS: "set worker.signIntervalSeconds instead"

@@ -40,6 +40,8 @@ class Pseudonymiser:
             proto = hmac.new(hmac_key, digestmod=hashlib.sha256)
             proto.update(kind.encode() + b"\x00")
             self._protos[kind] = proto
+        self._content = hmac.new(hmac_key, digestmod=hashlib.sha256)
+        self._content.update(b"content\x00")
 
     @staticmethod
     def normalise(kind: PseudonymKind, value: str) -> str:
@@ -60,6 +62,13 @@ class Pseudonymiser:
         if kind == "network":
             norm = norm.lower()
         mac.update(norm.encode())
+        return mac.digest()
+
+    def fingerprint(self, content: bytes) -> bytes:
+        """HMAC-SHA256(key, "content" || 0x00 || content): tells two bodies sent under one
+        event id apart without storing either in clear."""
+        mac = self._content.copy()
+        mac.update(content)
         return mac.digest()
 
     def hexdigest(self, kind: PseudonymKind, value: str) -> str:

@@ -1,5 +1,14 @@
 """The worker's HTTP app: health endpoints, Prometheus metrics and the event intake.
 
+Two listeners serve it, each with its own connection limit and timeouts, so producers
+can never take the connections the kubelet's probes need:
+
+* health listener, ``AUDIT_HTTP_PORT`` (8080): the health endpoints, ``/metrics`` and
+  ``/openapi.json``;
+* intake listener, ``AUDIT_INTAKE_PORT`` (8081): ``POST /v1/events`` only.
+
+Each answers 404 for the other's paths.
+
     GET  /livez               liveness (kubelet)           5 s timeout
     GET  /readyz              readiness (kubelet)          3 s timeout
     GET  /healthz/database    PostgreSQL (monitoring)      10 s timeout
@@ -25,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from audit_worker.events import AuditEvent
 from audit_worker.health import (
@@ -42,6 +52,12 @@ if TYPE_CHECKING:
     from audit_worker.service import Service
 
 INTAKE_PATH = "/v1/events"
+# What each listener serves (an allow-list: a new route is served nowhere until listed).
+HEALTH_PATHS = frozenset({
+    "/livez", "/readyz", "/healthz/database", "/healthz/redis", "/healthz/external",
+    "/metrics", "/openapi.json",
+})
+INTAKE_PATHS = frozenset({INTAKE_PATH})
 
 
 class HealthBody(BaseModel):
@@ -77,6 +93,27 @@ async def _answer(
     )
 
 
+class OnlyPaths:
+    """An ASGI app that passes `paths` to `app` and answers 404 for the rest."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], listener: str) -> None:
+        self.app = app
+        self.paths = paths
+        self.listener = listener
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.paths:
+            served = ", ".join(sorted(self.paths))
+            reply = JSONResponse(
+                {"error": "not_found",
+                 "message": f"the {self.listener} port serves only {served}"},
+                status_code=404,
+            )
+            await reply(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(
         title="audit-worker",
@@ -95,7 +132,9 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            # The location names the parameter; the type, not pydantic's message, says
+            # what is wrong, so nothing the client sent is echoed.
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('type')}"
             for err in exc.errors()
         ]
         return JSONResponse(

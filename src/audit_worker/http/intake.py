@@ -2,7 +2,8 @@
 
 The body is one event (a JSON object) or a batch (a JSON array of objects). Every event is
 validated exactly as the worker validates it (`audit_worker.events.parse_event`), and the
-answer lists each one: ``accepted`` (written to the stream, with its stream id),
+answer lists each one: ``accepted`` (written to the stream, with its stream id, or
+spooled in PostgreSQL while Redis is unreachable: ``spooled: true``, no stream id),
 ``rejected`` (with field, value class, rule and message; never the value), or
 ``not_written`` (valid, but its batch was refused). Two modes, chosen by ``?mode=``:
 
@@ -12,39 +13,57 @@ answer lists each one: ``accepted`` (written to the stream, with its stream id),
   accepted, 207 when only some were, 422 when none were.
 
 Accepted events go to the Redis stream in one MULTI/EXEC transaction, so a request is
-never half-written. The worker stores them; ``event_id`` is the idempotency key, so
-retrying a request after a timeout never stores an event twice.
+never half-written. When that fails, or the Redis circuit breaker is open, they go to the
+spool in PostgreSQL instead (``audit.intake_spool``, sealed with AES-GCM, one transaction),
+and the active worker moves them into the log once Redis is back. The worker stores them;
+``event_id`` is the idempotency key, so retrying a request after a timeout never stores an
+event twice.
 
 Errors, each with ``{"error": code, "message": ...}``: 401 (missing or wrong bearer token),
-413 (body over ``intake_max_body_bytes`` or more than ``intake_max_events`` events), 415
-(not ``application/json``), 422 (not JSON, not an object or array, empty batch, invalid
-events in atomic mode), 503 (intake disabled because no token is configured, or Redis
-unreachable; retry later).
+408 (the body did not arrive within ``intake_body_timeout_seconds``; the connection is
+closed), 413 (body over ``intake_max_body_bytes`` or more than ``intake_max_events``
+events), 415 (not ``application/json``), 422 (not JSON, not an object or array, empty
+batch, invalid events in atomic mode), 503 (intake disabled because no token is
+configured, or Redis unreachable and the spool too, or the worker not started yet;
+nothing was written, retry later). With ``intake_max_connections``
+connections open, the listener itself answers 503 (plain text) and closes the connection.
+
+Served on the intake listener (``AUDIT_INTAKE_PORT``, 8081), never on the health port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
+import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, SecretStr
 from redis.exceptions import RedisError
 
+from audit_worker.db.spool import IntakeSpool, seal
 from audit_worker.events import AuditEvent, Rejection, parse_event
-from audit_worker.resilience import describe_error
+from audit_worker.resilience import BreakerOpen, BreakerState, describe_error
 
 if TYPE_CHECKING:
     from audit_worker.service import Service
 
 Mode = Literal["atomic", "partial"]
 EVENT_FIELD = "event"
+# Longest wait for the spool's pooled connection and each statement: a producer waiting on
+# a stuck database is better told 503 (and retries) than held until its own timeout.
+SPOOL_TIMEOUT_SECONDS = 5.0
+REFUSAL_LOG_SECONDS = 10.0  # one error line per interval while both are down, not per request
+log = structlog.stdlib.get_logger("audit_worker")
 
 
 class IntakeError(Exception):
@@ -84,7 +103,13 @@ class EventResult(BaseModel):
     event_id: str | None = Field(description="The event's id, when it has a valid one.")
     status: Literal["accepted", "rejected", "not_written"]
     stream_id: str | None = Field(
-        default=None, description="Redis stream entry id of an accepted event."
+        default=None,
+        description="Redis stream entry id of an accepted event; null when it was spooled.",
+    )
+    spooled: bool = Field(
+        default=False,
+        description="True when the event was accepted into the PostgreSQL spool because "
+        "Redis was unreachable; the worker moves it into the log once Redis is back.",
     )
     rejection: RejectionBody | None = None
 
@@ -137,8 +162,9 @@ def parse_body(body: bytes, max_events: int) -> tuple[list[Any], bool]:
     """The items of a request body and whether it was a batch; raises `IntakeError`."""
     try:
         data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise IntakeError(422, "json_invalid", f"the body is not valid JSON: {exc}") from None
+    except orjson.JSONDecodeError:
+        # orjson's message may describe the bytes it choked on: a fixed text instead.
+        raise IntakeError(422, "json_invalid", "the body is not valid UTF-8 JSON") from None
     if isinstance(data, dict):
         return [data], False
     if not isinstance(data, list):
@@ -169,8 +195,10 @@ def _media_type_ok(content_type: str | None) -> bool:
     return True
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The body, refusing more than `limit` bytes before reading them all."""
+async def read_limited(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them all, and a body that
+    takes longer than `timeout` seconds in all (uvicorn has no body timeout: a client
+    sending a byte a second would otherwise hold its connection for days)."""
     declared = request.headers.get("content-length")
     too_large = IntakeError(
         413, "body_too_large", f"the body is larger than the limit of {limit} bytes"
@@ -181,14 +209,25 @@ async def read_limited(request: Request, limit: int) -> bytes:
                 raise too_large
         except ValueError:
             raise IntakeError(400, "bad_content_length", "Content-Length is not a number") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        raise IntakeError(
+            408, "body_timeout",
+            f"the body did not arrive within {timeout:g}s; send it at once",
+            {"Connection": "close"},  # the rest of the body is never read
+        ) from None
 
 
 _REQUEST_BODY_DOC = {
@@ -212,9 +251,12 @@ _ERRORS_DOC: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
         (401, "Missing or invalid bearer token."),
+        (408, "The body did not arrive within the intake's body timeout."),
         (413, "Body or batch over the configured limits."),
         (415, "Content-Type is not application/json."),
-        (503, "Intake disabled (no token configured) or the stream is unreachable."),
+        (503, "Intake disabled (no token configured), or the stream and the spool are both "
+              "unreachable, or the worker is not started yet: nothing was written (at the "
+              "connection limit: plain text from the listener)."),
     )
 }
 
@@ -241,6 +283,49 @@ def intake_router(service: Service) -> APIRouter:
             challenge["WWW-Authenticate"] += ', error="invalid_token"'
             raise IntakeError(401, "invalid_token", "the bearer token is not valid", challenge)
 
+    spooling = [False]  # whether the last write went to the spool (logged on change)
+    refusal_logged = [-math.inf]  # when a double outage was last logged (rate-limited)
+
+    async def spool(events: list[tuple[uuid.UUID, bytes]], cause: BaseException) -> None:
+        """Seal (event id, serialised event) pairs and spool them in one PostgreSQL
+        transaction; `IntakeError` 503 when the worker is not assembled yet or PostgreSQL
+        fails too (nothing written)."""
+        worker, parts = service.worker, service.parts
+
+        def unavailable(also: str) -> IntakeError:
+            return IntakeError(
+                503, "stream_unavailable",
+                f"the event stream is unreachable ({describe_error(cause)}) and {also}; "
+                "nothing was written, retry later (event_id makes retries safe)",
+                {"Retry-After": "1"},
+            )
+
+        if worker is None or parts is None:
+            raise unavailable("the worker has not started yet (no spool)")
+        try:
+            # May rotate the data key: a blocking key-service call, as in `Worker.triage`.
+            key = worker.data_keys.current()
+            sealed = [(eid, seal(worker.cipher, key, eid, raw)) for eid, raw in events]
+            worker.data_keys.note_use(len(sealed))  # the key's nonce budget counts these too
+            await IntakeSpool(parts.pool, acquire_timeout=SPOOL_TIMEOUT_SECONDS).insert(
+                sealed, key, timeout=SPOOL_TIMEOUT_SECONDS, purpose=worker.data_keys.purpose
+            )
+        except Exception as exc:
+            if time.monotonic() - refusal_logged[0] >= REFUSAL_LOG_SECONDS:
+                refusal_logged[0] = time.monotonic()
+                log.error(
+                    "intake refuses events: the stream and the spool are both unreachable",
+                    stream_error=describe_error(cause), spool_error=describe_error(exc),
+                )
+            raise unavailable(f"the spool failed too ({describe_error(exc)})") from None
+        service.note_spooled(len(sealed))
+        if not spooling[0]:
+            spooling[0] = True
+            log.warning(
+                "stream unreachable: the intake spools accepted events in PostgreSQL",
+                error=describe_error(cause),
+            )
+
     @router.post(
         "/v1/events",
         status_code=202,
@@ -249,7 +334,8 @@ def intake_router(service: Service) -> APIRouter:
         description=__doc__ or "",
         openapi_extra={"requestBody": _REQUEST_BODY_DOC},
         responses={
-            202: {"description": "Every event accepted and written to the stream."},
+            202: {"description": "Every event accepted: written to the stream, or, while "
+                  "Redis is unreachable, to the PostgreSQL spool (spooled: true)."},
             207: {"model": IntakeResponse, "description": "Partial mode: some rejected."},
             422: {"model": IntakeResponse | ErrorBody, "description": "Invalid body or events."},
             **_ERRORS_DOC,
@@ -268,46 +354,64 @@ def intake_router(service: Service) -> APIRouter:
             raise IntakeError(
                 415, "unsupported_media_type", "send Content-Type: application/json (UTF-8)"
             )
-        body = await read_limited(request, settings.intake_max_body_bytes)
+        body = await read_limited(
+            request, settings.intake_max_body_bytes, settings.intake_body_timeout_seconds
+        )
         items, _batch = parse_body(body, settings.intake_max_events)
         checked = validate_items(items, max_future_skew=settings.max_future_skew_seconds)
         valid = [i for i, (_, outcome, _) in enumerate(checked) if isinstance(outcome, AuditEvent)]
         rejected = len(checked) - len(valid)
         write = valid if (mode == "partial" or rejected == 0) else []
         stream_ids: dict[int, str] = {}
+        spooled: set[int] = set()
         if write:
-            try:
-                async with service.redis.pipeline(transaction=True) as pipe:
-                    for i in write:
-                        pipe.xadd(settings.stream, {EVENT_FIELD: checked[i][0]})
-                    replies = await pipe.execute()
-            except (RedisError, OSError) as exc:
-                raise IntakeError(
-                    503, "stream_unavailable",
-                    f"the event stream is unreachable ({describe_error(exc)}); nothing was "
-                    "written, retry later (event_id makes retries safe)",
-                    {"Retry-After": "1"},
-                ) from None
-            for i, reply in zip(write, replies, strict=True):
-                stream_ids[i] = reply.decode() if isinstance(reply, bytes) else str(reply)
+            breaker = service.breakers["redis"]
+            failure: BaseException | None = None
+            if breaker.state is BreakerState.OPEN:
+                # Known down: spool at once instead of waiting for a connect timeout.
+                failure = BreakerOpen("redis", breaker.retry_in())
+            else:
+                try:
+                    async with service.redis.pipeline(transaction=True) as pipe:
+                        for i in write:
+                            pipe.xadd(settings.stream, {EVENT_FIELD: checked[i][0]})
+                        replies = await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    failure = exc
+                else:
+                    for i, reply in zip(write, replies, strict=True):
+                        stream_ids[i] = reply.decode() if isinstance(reply, bytes) else str(reply)
+                    if spooling[0]:
+                        spooling[0] = False
+                        log.warning("intake writes to the stream again")
+            if failure is not None:
+                await spool(
+                    [(o.event_id, raw) for raw, o, _ in (checked[i] for i in write)
+                     if isinstance(o, AuditEvent)],
+                    failure,
+                )
+                spooled.update(write)
         results: list[dict[str, Any]] = []
         for index, (_, outcome, event_id) in enumerate(checked):
             entry: dict[str, Any] = {"index": index, "event_id": event_id}
             if isinstance(outcome, Rejection):
                 entry.update(status="rejected", rejection=outcome.as_dict())
             elif index in stream_ids:
-                entry.update(status="accepted", stream_id=stream_ids[index])
+                entry.update(status="accepted", stream_id=stream_ids[index], spooled=False)
+            elif index in spooled:
+                entry.update(status="accepted", stream_id=None, spooled=True)
             else:
                 entry["status"] = "not_written"
             results.append(entry)
-        accepted = len(stream_ids)
+        accepted = len(stream_ids) + len(spooled)
         if accepted and rejected:
             status = 207
         elif accepted:
             status = 202
         else:
             status = 422
-        metrics.intake_events.labels("accepted").inc(accepted)
+        metrics.intake_events.labels("accepted").inc(len(stream_ids))
+        metrics.intake_events.labels("spooled").inc(len(spooled))
         metrics.intake_events.labels("rejected").inc(rejected)
         return JSONResponse(
             {

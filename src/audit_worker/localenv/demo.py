@@ -33,7 +33,7 @@ from auditctl.promotion import Phase
 from auditctl.release import PromoteOptions, promote, rollback
 
 console = Console()
-EVENTS = int(os.environ.get("AUDIT_DEMO_EVENTS", "20000"))
+EVENTS = int(os.environ.get("AUDITKIT_DEMO_EVENTS", "20000"))
 MALFORMED_EVERY = 100  # 1% bad input, to show the dead-letter path
 LOAD_RATE = 300.0  # events/s while promoting and drilling
 GATES = Thresholds(readiness_timeout_seconds=60, smoke_timeout_seconds=30)

@@ -4,7 +4,8 @@
 blue-green worker slots. Prod's PostgreSQL is the primary; DR's is a real streaming replica
 of it (``pg_basebackup -R``), promoted with ``pg_promote()`` in a drill and rebuilt with
 ``pg_rewind`` on failback (see `audit_worker.localenv.replication`). A worker slot is an
-``audit-worker run`` process with ``AUDIT_SLOT`` set and its own ``AUDIT_HTTP_PORT``.
+``audit-worker run`` process with ``AUDIT_SLOT`` set and its own ``AUDIT_HTTP_PORT`` and
+``AUDIT_INTAKE_PORT``.
 
 What is modelled rather than real, and how:
 
@@ -175,6 +176,7 @@ class WorkerRecord:
     pid: int | None = None
     started_at: float | None = None
     log: str = ""
+    intake_port: int = 0  # POST /v1/events has its own listener; 0 (older state): any port
 
 
 @dataclass
@@ -340,7 +342,12 @@ class LocalStack:
         return Node(Path(site.pg_dir), site.pg_port, fast=self.state.fast)
 
     def worker_url(self, site: str, slot: str) -> str:
+        """Health and metrics of a worker slot."""
         return f"http://{HOST}:{self.site(site).workers[slot].port}"
+
+    def intake_url(self, site: str, slot: str) -> str:
+        """The HTTP intake of a worker slot (its own listener)."""
+        return f"http://{HOST}:{self.site(site).workers[slot].intake_port}"
 
     @property
     def intake_token(self) -> str:
@@ -416,6 +423,7 @@ class LocalStack:
                         s: WorkerRecord(
                             slot=s, image=image, port=ports.workers[f"{site}-{s}"],
                             log=str(state_dir / "logs" / f"{site}-{s}.log"),
+                            intake_port=free_port(),
                         )
                         for s in SLOTS
                     },
@@ -474,7 +482,7 @@ class LocalStack:
     def worker_env(self, site: str, slot: str, image: str) -> dict[str, str]:
         record = self.site(site)
         worker = record.workers[slot]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIT_")}
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("AUDIT_")}
         env.update({
             "AUDIT_ENVIRONMENT": "local",
             "AUDIT_LOG_ID": self.state.log_id,
@@ -484,6 +492,7 @@ class LocalStack:
             "AUDIT_CONSUMER_NAME": f"{site}-{slot}",
             "AUDIT_HTTP_HOST": HOST,
             "AUDIT_HTTP_PORT": str(worker.port),
+            "AUDIT_INTAKE_PORT": str(worker.intake_port),
             "AUDIT_LOCAL_KEY_DIR": record.key_dir,
             "AUDIT_INTAKE_TOKENS": self.intake_token,
             "AUDIT_BATCH_SIZE": "500",

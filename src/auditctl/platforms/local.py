@@ -171,7 +171,7 @@ class LocalPlatform:
         site = self._primary()
         if via_slot is None:
             return await self._to_stream(site, events)
-        url = self.stack.worker_url(site, via_slot) + "/v1/events"
+        url = self.stack.intake_url(site, via_slot) + "/v1/events"
         async with httpx.AsyncClient(timeout=10) as client:
             reply = await client.post(
                 url, content=orjson.dumps(list(events)),
@@ -181,7 +181,8 @@ class LocalPlatform:
         if reply.status_code != 202:
             raise PlatformError(f"{via_slot}'s intake answered {reply.status_code}: "
                                 f"{reply.text[:300]}")
-        return [str(r["stream_id"]) for r in reply.json()["results"]]
+        # A spooled event (Redis down) has no stream entry id yet: nothing to look up.
+        return [str(r["stream_id"]) for r in reply.json()["results"] if r.get("stream_id")]
 
     async def _to_stream(self, site: str, events: Sequence[Mapping[str, Any]]) -> list[str]:
         async with _redis(self.stack.site(site).redis_url) as redis:

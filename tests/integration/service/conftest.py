@@ -30,6 +30,7 @@ FAST = {
     "slot_poll_seconds": 0.05,
     "shutdown_grace_seconds": 10.0,
     "intake_tokens": [TOKEN],
+    "intake_port": 0,  # any free port: 8081 may be taken, and tests may run side by side
 }
 
 

@@ -113,8 +113,11 @@ async def test_waiting_for_postgres_at_start_up_is_reported(
     if not own_redis.is_running():
         own_redis.start()
     await asyncio.to_thread(own_postgres.stop, cleanup=False)
+    # A missing database is a configuration error (SQLSTATE 3D000): looked at again
+    # every configuration_recheck_seconds, not retried with backoff.
     settings = service_settings(
-        database_url(own_postgres.url, "startup_wait"), own_redis.url, tmp_path / "k"
+        database_url(own_postgres.url, "startup_wait"), own_redis.url, tmp_path / "k",
+        configuration_recheck_seconds=0.5,
     )
     try:
         async with running(settings, wait=False) as worker:

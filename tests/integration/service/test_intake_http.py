@@ -82,7 +82,7 @@ async def test_atomic_mode_writes_nothing_when_one_event_is_invalid(
         assert (body["accepted"], body["rejected"], body["written"]) == (0, 2, False)
         assert [r["status"] for r in body["results"]] == ["not_written", "rejected", "rejected"]
         assert body["results"][1]["rejection"] == {
-            "field": "action", "value_class": "string(len=1)", "rule": "literal_error",
+            "field": "action", "value_class": "string(len=1)", "rule": "not_allowed_value",
             "message": body["results"][1]["rejection"]["message"],
         }
         assert body["results"][2]["rejection"]["rule"] == "control_characters"

@@ -45,7 +45,7 @@ async def test_metrics_reflect_stored_dead_lettered_and_replayed_events(
     assert values[("audit_events_received_total", ())] == 43
     assert values[("audit_events_stored_total", ())] == 40
     assert values[("audit_events_duplicate_total", ())] == 1
-    assert values[("audit_events_dead_lettered_total", (("reason", "literal_error"),))] == 1
+    assert values[("audit_events_dead_lettered_total", (("reason", "not_allowed_value"),))] == 1
     assert values[("audit_events_dead_lettered_total", (("reason", "json_invalid"),))] == 1
     assert values[("audit_batch_size_sum", ())] == 43
     assert values[("audit_event_latency_seconds_count", ())] == 43

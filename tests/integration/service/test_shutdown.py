@@ -37,6 +37,7 @@ async def test_sigterm_finishes_the_batch_in_hand_signs_and_exits_in_time(
         "AUDIT_LOCAL_KEY_DIR": str(tmp_path / "keys"),
         "AUDIT_HTTP_HOST": "127.0.0.1",
         "AUDIT_HTTP_PORT": str(port),
+        "AUDIT_INTAKE_PORT": "0",
         "AUDIT_CONSUMER_NAME": "sigterm-test",
         "AUDIT_SHUTDOWN_GRACE_SECONDS": str(GRACE),
         "AUDIT_SIGN_INTERVAL_SECONDS": "30",  # only the final tree head will be signed

@@ -17,7 +17,7 @@ async def test_migrate_applies_once_and_records_checksums(fresh_database: str) -
         rows = await conn.fetch("SELECT version, checksum FROM audit.schema_migrations")
     finally:
         await conn.close()
-    assert [x.version for x in first] == [1] and again == []
+    assert [x.version for x in first] == [1, 2] and again == []
     assert rows[0]["checksum"] == m.load_migrations()[0].checksum
 
 
@@ -49,7 +49,8 @@ async def test_newer_expand_migration_does_not_stop_the_old_release(fresh_databa
         await m.migrate(conn)
         await conn.execute(
             "INSERT INTO audit.schema_migrations (version, name, kind, checksum)"
-            " VALUES (2, 'from_newer_release', 'expand', 'x')"
+            " VALUES ($1, 'from_newer_release', 'expand', 'x')",
+            len(m.load_migrations()) + 1,
         )
         await m.require_current(conn)  # no exception: the old slot keeps running
     finally:
@@ -59,8 +60,11 @@ async def test_newer_expand_migration_does_not_stop_the_old_release(fresh_databa
 async def test_contract_migration_needs_allow_contract(
     fresh_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    contract = m.Migration(2, "drop_old_column", "contract", "-- kind: contract\nSELECT 1;")
-    known = [*m.load_migrations(), contract]
+    shipped = m.load_migrations()
+    contract = m.Migration(
+        len(shipped) + 1, "drop_old_column", "contract", "-- kind: contract\nSELECT 1;"
+    )
+    known = [*shipped, contract]
     monkeypatch.setattr(m, "load_migrations", lambda: known)
     conn = await asyncpg.connect(fresh_database)
     try:
@@ -69,4 +73,4 @@ async def test_contract_migration_needs_allow_contract(
         applied = await m.migrate(conn, allow_contract=True)
     finally:
         await conn.close()
-    assert [x.version for x in applied] == [1, 2]
+    assert [x.version for x in applied] == [*(x.version for x in shipped), contract.version]

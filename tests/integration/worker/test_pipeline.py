@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from audit_worker.service import Assembly
@@ -49,7 +51,7 @@ async def test_malformed_events_go_to_dead_letters_with_reason_and_worker_contin
         )
     assert [(r["field"], r["rule"]) for r in rows] == [
         ("(event)", "json_invalid"),
-        ("action", "literal_error"),
+        ("action", "not_allowed_value"),
         ("patient", "control_characters"),
         ("(entry)", "missing_event_field"),
     ]
@@ -87,21 +89,23 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_stored(
     assert (await intake.backlog())[1] == 0
 
 
-async def test_entry_over_the_delivery_limit_is_dead_lettered(
+async def test_valid_entry_redelivered_past_the_limit_is_still_stored(
     parts: Assembly, producer: aioredis.Redis
 ) -> None:
+    # Redeliveries come from crashes and outages, never from the entry: they do not count.
     intake = parts.worker.intake
     await _xadd(producer, intake.stream, [encode(make_event(1))])
     await producer.xreadgroup(intake.group, "flaky", {intake.stream: ">"}, count=10)
-    for _ in range(parts.worker.max_deliveries):
+    for _ in range(parts.worker.max_deliveries + 2):
         await producer.xautoclaim(intake.stream, intake.group, "flaky", 0, "0-0")
     intake.claim_idle_ms = 1
     await asyncio.sleep(0.01)  # idle for longer than claim_idle_ms, or XAUTOCLAIM skips it
     await drain(parts)
     async with parts.pool.acquire() as conn:
-        rule = await conn.fetchval("SELECT rule FROM audit.dead_letters")
+        dead = await conn.fetchval("SELECT count(*) FROM audit.dead_letters")
         stored = await conn.fetchval("SELECT count(*) FROM audit.events")
-    assert (rule, stored) == ("delivery_limit_exceeded", 0)
+    assert (dead, stored) == (0, 1)
+    assert (await intake.backlog())[1] == 0
 
 
 async def test_phi_is_pseudonymised_and_encrypted_at_rest(
@@ -161,3 +165,31 @@ async def test_trim_drops_only_acknowledged_entries_past_retention(
     assert await intake.trim(retention_ms=0, now_ms=now) == 50
     assert await producer.xlen(intake.stream) == 10
     assert (await intake.backlog())[1] == 5
+
+
+async def test_an_entry_the_worker_fails_on_is_tried_alone_then_dead_lettered(
+    parts: Assembly, producer: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug that fires for one event only: its batch is split, the others are stored, and
+    # the event is tried alone max_deliveries times before it is set aside, sealed.
+    store = parts.worker.store
+    poison = make_event(13)
+    tries: list[int] = []
+    real_append = store.append
+
+    async def append(frontier: Any, events: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(str(e.event_id) == poison["event_id"] for e in events):
+            tries.append(len(events))
+            raise KeyError("a bug")
+        return await real_append(frontier, events, *args, **kwargs)
+
+    monkeypatch.setattr(store, "append", append)
+    events = [make_event(i) for i in range(20)]
+    events[13] = poison
+    await _xadd(producer, parts.worker.intake.stream, [encode(e) for e in events])
+    assert await drain(parts) == 19
+    async with parts.pool.acquire() as conn:
+        rules = [r[0] for r in await conn.fetch("SELECT rule FROM audit.dead_letters")]
+    assert rules == ["delivery_limit_exceeded"]
+    assert tries.count(1) == parts.worker.max_deliveries  # alone, as often as the limit
+    assert (await parts.worker.intake.backlog())[1] == 0

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from audit_worker.events import MAX_EVENT_BYTES, AuditEvent, Rejection, parse_event
+from audit_worker.events import MAX_EVENT_BYTES, RULES, AuditEvent, Rejection, parse_event
 from tests.support import make_event
 
 
@@ -25,16 +25,21 @@ def test_valid_event_parses_with_utc_time() -> None:
 @pytest.mark.parametrize(
     ("overrides", "field", "rule"),
     [
-        ({"action": "X"}, "action", "literal_error"),
-        ({"outcome": 3}, "outcome", "literal_error"),
-        ({"event_id": "123"}, "event_id", "uuid_parsing"),
+        ({"action": "X"}, "action", "not_allowed_value"),
+        ({"outcome": 3}, "outcome", "not_allowed_value"),
+        ({"event_id": "123"}, "event_id", "invalid_uuid"),
         ({"occurred": "2026-01-01T10:00:00"}, "occurred", "timezone_required"),
+        ({"occurred": "0001-01-01T00:00:00+05:00"}, "occurred", "occurred_out_of_range"),
+        ({"occurred": "9999-12-31T23:59:59-05:00"}, "occurred", "occurred_out_of_range"),
+        ({"occurred": "1969-12-31T23:59:59Z"}, "occurred", "occurred_out_of_range"),
+        ({"occurred": "2026-02-30T10:00:00Z"}, "occurred", "invalid_datetime"),
         ({"patient": "MRN\x00X"}, "patient", "control_characters"),
-        ({"patient": ""}, "patient", "string_too_short"),
-        ({"agent": {"who": "x" * 300}}, "agent.who", "string_too_long"),
-        ({"source": {"observer": "has space"}}, "source.observer", "string_pattern_mismatch"),
-        ({"unexpected": 1}, "unexpected", "extra_forbidden"),
-        ({"entity": [{"type": "Patient", "id": 5}]}, "entity.0.id", "string_type"),
+        ({"patient": ""}, "patient", "too_short"),
+        ({"agent": {"who": "x" * 300}}, "agent.who", "too_long"),
+        ({"source": {"observer": "has space"}}, "source.observer", "pattern_mismatch"),
+        ({"unexpected": 1}, "(unknown key)", "unknown_field"),
+        ({"agent": {"who": "a", "Jane Doe MRN 12345": 1}}, "agent.(unknown key)", "unknown_field"),
+        ({"entity": [{"type": "Patient", "id": 5}]}, "entity.0.id", "wrong_type"),
     ],
 )
 def test_rejection_names_field_and_rule(
@@ -43,6 +48,28 @@ def test_rejection_names_field_and_rule(
     rejected = _parse(**overrides)
     assert isinstance(rejected, Rejection)
     assert (rejected.field, rejected.rule) == (field, rule)
+
+
+def test_rules_and_messages_come_from_the_fixed_vocabulary() -> None:
+    for overrides in (
+        {"event_id": "6a1d4a4e-1111-4111-8111-11111111111Z"},  # the parser quotes the "Z"
+        {"agent": {"who": "a", "Jane Doe MRN 12345": 1}},
+        {"occurred": "0001-01-01T00:00:00+05:00"},
+    ):
+        rejected = _parse(**overrides)
+        assert isinstance(rejected, Rejection)
+        assert rejected.rule in RULES
+        assert rejected.message == f"{rejected.field}: {RULES[rejected.rule]}"
+        assert "Jane" not in json.dumps(rejected.as_dict())
+        assert "`Z`" not in rejected.message
+
+
+def test_occurred_bounds_are_inclusive_of_the_epoch() -> None:
+    assert isinstance(_parse(occurred="1970-01-01T00:00:00Z"), AuditEvent)
+    assert isinstance(_parse(occurred="1970-01-01T05:00:00+05:00"), AuditEvent)
+    assert _parse(occurred="1970-01-01T04:59:59.999+05:00").rule == (  # type: ignore[union-attr]
+        "occurred_out_of_range"
+    )
 
 
 def test_missing_field_is_reported_as_missing() -> None:
