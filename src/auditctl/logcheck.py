@@ -34,7 +34,7 @@ async def open_log(database_url: str, log_id: str) -> AsyncIterator[LogStore]:
 
 
 async def newest_head(store: LogStore) -> StoredTreeHead | None:
-    async with store.pool.acquire() as conn:
+    async with store.pool.acquire(timeout=store.acquire_timeout) as conn:
         row = await conn.fetchrow(
             "SELECT tree_size, root_hash, timestamp_ms, log_id, signature, signer_ref"
             " FROM audit.tree_heads ORDER BY tree_size DESC LIMIT 1"
@@ -49,7 +49,7 @@ async def newest_head(store: LogStore) -> StoredTreeHead | None:
 
 async def log_size(store: LogStore) -> int:
     """Rows in the log (the next log index)."""
-    async with store.pool.acquire() as conn:
+    async with store.pool.acquire(timeout=store.acquire_timeout) as conn:
         value = await conn.fetchval("SELECT coalesce(max(log_index) + 1, 0) FROM audit.events")
     return int(value)
 
@@ -74,7 +74,7 @@ class Inclusion:
 
 async def located(store: LogStore, event_ids: Sequence[str]) -> dict[str, int]:
     """Log index of each event id found in the log."""
-    async with store.pool.acquire() as conn:
+    async with store.pool.acquire(timeout=store.acquire_timeout) as conn:
         rows = await conn.fetch(
             "SELECT event_id::text AS id, log_index FROM audit.events"
             " WHERE event_id = ANY($1::uuid[])", list(event_ids),
@@ -191,7 +191,7 @@ async def dead_letters_for(store: LogStore, stream_ids: Sequence[str]) -> int:
     """How many of these stream entries ended up as dead letters."""
     if not stream_ids:
         return 0
-    async with store.pool.acquire() as conn:
+    async with store.pool.acquire(timeout=store.acquire_timeout) as conn:
         value = await conn.fetchval(
             "SELECT count(*) FROM audit.dead_letters WHERE stream_entry_id = ANY($1::text[])",
             list(stream_ids),
@@ -201,7 +201,7 @@ async def dead_letters_for(store: LogStore, stream_ids: Sequence[str]) -> int:
 
 async def event_ids_since(store: LogStore, since: float) -> set[str]:
     """Event ids the log recorded since `since` (Unix seconds)."""
-    async with store.pool.acquire() as conn:
+    async with store.pool.acquire(timeout=store.acquire_timeout) as conn:
         rows = await conn.fetch(
             "SELECT event_id::text AS id FROM audit.events WHERE recorded >= to_timestamp($1)",
             since,
