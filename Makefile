@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint mutate clean
 
 setup: $(STAMP)
 
@@ -29,5 +29,10 @@ lint: setup
 	$(BIN)/ruff check src infra tests bench
 	$(BIN)/mypy
 
+# Mutation testing of the modules that hold rules (slow: not part of `make test`).
+# `make mutate TARGETS="events slots"` runs some; scripts/mutate.py --list shows them.
+mutate: setup
+	$(BIN)/python scripts/mutate.py $(TARGETS)
+
 clean:
-	rm -rf $(VENV) .tools .local reports
+	rm -rf $(VENV) .tools .local reports mutants

@@ -30,6 +30,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # Checked by pydantic-core's own regex engine: no Python call per identifier.
 _NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+# A date-time as RFC 3339 writes it; the offset is checked afterwards (timezone_required).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?\Z"
+)
 
 Identifier = Annotated[
     str,
@@ -91,6 +95,15 @@ class AuditEvent(_Strict):
     entity: list[Entity] = Field(default_factory=list, max_length=32)
     purpose_of_use: list[Code] = Field(default_factory=list, max_length=8)
     detail: Annotated[str, StringConstraints(max_length=4096)] | None = None
+
+    @field_validator("occurred", mode="before")
+    @classmethod
+    def _rfc3339_text(cls, value: Any) -> Any:
+        # pydantic would also take 0, 1767225600 or "1767225600" as Unix time (seconds or
+        # milliseconds, by size): a producer's bug would then be stored as a plausible date.
+        if not isinstance(value, str) or not _RFC3339.match(value):
+            raise ValueError("invalid_datetime")
+        return value
 
     @field_validator("occurred")
     @classmethod
@@ -171,12 +184,11 @@ RULES: dict[str, str] = {
     "occurred_out_of_range": "lies before 1970-01-01T00:00:00Z or outside the calendar in UTC",
     "not_in_future": "lies further in the future than the allowed clock skew",
     "too_large": f"is larger than the limit of {MAX_EVENT_BYTES} bytes",
+    "too_deep": "is nested too deeply to be processed",
     "invalid_value": "is invalid",
     "missing_event_field": "has no 'event' field",
     "not_serialisable": "could not be serialised as JSON",
     "unprocessable": "could not be processed (an internal error; the entry is kept sealed)",
-    "spool_undecryptable": "was spooled while Redis was unreachable, but its sealed payload "
-    "does not open (a changed ciphertext, a missing data key or another master key)",
     "database_refused": "was refused by the database",
     "delivery_limit_exceeded": "failed in the worker as often as the delivery limit allows",
 }
@@ -235,12 +247,14 @@ def rejection(field: str, klass: str, rule: str) -> Rejection:
     return Rejection(field, klass, rule, f"{field}: {RULES[rule]}")
 
 
-def field_path(loc: Sequence[int | str]) -> str:
+def field_path(loc: Sequence[int | str], *, unknown_last: bool = False) -> str:
     """A dotted location with every input-derived part (an unknown key) replaced."""
     parts = [
         str(part) if isinstance(part, int) or part in _FIELD_NAMES else UNKNOWN_KEY
         for part in loc
     ]
+    if unknown_last and parts:
+        parts[-1] = UNKNOWN_KEY
     return ".".join(parts) or "(event)"
 
 
@@ -255,10 +269,10 @@ def _rejection_from(exc: ValidationError) -> Rejection:
         rule = _PYDANTIC_RULES.get(kind, "invalid_value")
     if rule == "pattern_mismatch" and err.get("ctx", {}).get("pattern") == _NO_CONTROL_PATTERN:
         rule = "control_characters"
-    if rule in ("json_invalid", "not_an_object"):
-        return rejection("(event)", value_class(err.get("input")), rule)
     klass = "missing" if rule == "missing" else value_class(err.get("input"))
-    return rejection(field_path(err["loc"]), klass, rule)
+    # For an unknown field the last part is the key itself, even when it spells a field
+    # name that belongs elsewhere ("role" at the top level).
+    return rejection(field_path(err["loc"], unknown_last=rule == "unknown_field"), klass, rule)
 
 
 def parse_event(

@@ -198,6 +198,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.intake_spool_unopened = Gauge(
+            "audit_intake_spool_unopened",
+            "Spooled events whose sealed payload did not open; kept in the spool, not "
+            "moved into the log, tried again every AUDIT_CONFIGURATION_RECHECK_SECONDS.",
+            registry=r,
+        )
         self.intake_spool_depth = Gauge(
             "audit_intake_spool_depth",
             "Events in the intake's PostgreSQL spool, not yet moved into the log (as this "

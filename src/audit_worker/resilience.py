@@ -196,6 +196,8 @@ _SQLSTATE_KINDS: dict[str, PostgresErrorKind] = {
     "55P03": "transient",  # lock not available
     "55006": "transient",  # object in use
     "25006": "transient",  # read-only transaction: connected to a standby during a switchover
+    "25P03": "transient",  # idle_in_transaction_session_timeout ended the transaction
+    "25P04": "transient",  # transaction_timeout (PostgreSQL 17), e.g. while queued for the lock
     "57P04": "halt",  # database dropped
     "22": "entry",  # data exception (e.g. 22021 invalid byte sequence, 22001 too long)
     "23": "entry",  # integrity constraint violation (unique, check, not null, foreign key)

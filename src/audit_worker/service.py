@@ -246,6 +246,11 @@ class Service:
         self._spool_backlog = False
         self._spool_moved = 0
         self._spool_opener: SpoolOpener | None = None
+        # Spool rows that did not open (another master key, a missing data key, a changed
+        # ciphertext): left in the spool, the only copy of an accepted event, and skipped
+        # until `_spool_stuck_until`, when they are tried again.
+        self._spool_stuck: set[int] = set()
+        self._spool_stuck_until = 0.0
 
     @property
     def app(self) -> FastAPI:
@@ -574,8 +579,14 @@ class Service:
                 worker.cipher, worker.data_keys.wrapper, purpose=worker.data_keys.purpose
             )
 
+        if self._spool_stuck and time.monotonic() >= self._spool_stuck_until:
+            self._spool_stuck.clear()  # the key may have been fixed meanwhile: try again
+        skip = sorted(self._spool_stuck)
+
         async def fetch() -> list[StreamEntry]:
-            return await opener.entries(await spool.fetch(s.batch_size, after=after))
+            return await opener.entries(
+                await spool.fetch(s.batch_size, after=after, skip=skip)
+            )
 
         try:
             # A KMS failure while unwrapping is charged to the KMS breaker and retried.
@@ -588,6 +599,20 @@ class Service:
                           error=describe_error(exc))
             return []
         self._spool_backlog = len(entries) >= s.batch_size
+        unopened = [e.spool_id for e in entries if e.payload is None and e.spool_id is not None]
+        if unopened:
+            entries = [e for e in entries if e.payload is not None]
+            self._spool_stuck.update(unopened)
+            self._spool_stuck_until = time.monotonic() + s.configuration_recheck_seconds
+            self.metrics.intake_spool_unopened.set(len(self._spool_stuck))
+            log.critical(
+                "spooled events do not open (another master key, a missing data key or a "
+                "changed ciphertext): they stay in the spool and are tried again later",
+                spool_ids=unopened[:50], count=len(unopened),
+                alert="audit_spool_unopened",
+            )
+        elif not self._spool_stuck:
+            self.metrics.intake_spool_unopened.set(0)
         self._spool_moved += len(entries)
         if not self._spool_backlog and self._spool_moved:
             log.info("intake spool drained into the log", events=self._spool_moved)
@@ -615,7 +640,9 @@ class Service:
                 self._halt(exc)
                 return
             except Exception as exc:
-                if postgres_error_kind(exc) != "halt":
+                # "entry" here: even a dead letter with fixed text only was refused, so
+                # the database, not an entry, is at fault.
+                if postgres_error_kind(exc) not in ("halt", "entry"):
                     raise
                 self._configuration_failed(exc, "commit")
                 await sleep_or_stop(self.stop_event, self.settings.configuration_recheck_seconds)
@@ -676,6 +703,15 @@ class Service:
             log.warning(
                 "event dead-lettered", stream_entry_id=entry_id, field=field, rule=rule,
                 value_class=value_class,
+            )
+        if result.isolated_sqlstates:
+            log.critical(
+                "PostgreSQL refused entries for their data; each was dead-lettered, sealed. "
+                "Validated events should never be refused: if many are, a constraint or "
+                "trigger on audit.events is wrong; fix it, then replay them with "
+                "`audit-worker dead-letters replay --rule sqlstate_<code>`",
+                sqlstates=sorted(set(result.isolated_sqlstates)),
+                count=len(result.isolated_sqlstates), alert="audit_events_refused",
             )
         if result.conflict_ids:
             log.error(

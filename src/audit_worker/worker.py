@@ -119,8 +119,6 @@ class Worker:
 
     def _triage_one(self, entry: StreamEntry, key: DataKey) -> PreparedEvent | Rejection:
         if entry.payload is None:
-            if entry.spool_id is not None:  # spooled, but its sealed payload did not open
-                return rejection("(entry)", "sealed", "spool_undecryptable")
             return rejection("(entry)", "missing", "missing_event_field")
         outcome = parse_event(entry.payload, max_future_skew=self.max_future_skew)
         if isinstance(outcome, Rejection):

@@ -441,6 +441,8 @@ def _non_metric_tokens() -> dict[str, bool]:
         "audit_integrity_failure": _source_mentions('alert="audit_integrity_failure"'),
         "audit_configuration_failure": _source_mentions('alert="audit_configuration_failure"'),
         "audit_event_conflict": _source_mentions('alert="audit_event_conflict"'),
+        "audit_events_refused": _source_mentions('alert="audit_events_refused"'),
+        "audit_spool_unopened": _source_mentions('alert="audit_spool_unopened"'),
         "audit_admin": "audit_admin" in (ROOT / "infra/database.py").read_text(),
         "audit_worker_slot": bool(slot_key) and re.sub(
             r"[^a-z0-9]", "_", slot_key.group(1)) == "audit_worker_slot",
@@ -846,3 +848,14 @@ def test_excerpts_are_in_their_files() -> None:
         for line in (x.rstrip() for x in block.body.splitlines() if x.strip()):
             assert line in lines[position:], f"{block.where}: {line!r} is not in {source}"
             position = lines.index(line, position) + 1
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_rel)
+def test_dead_letter_rules_named_are_the_workers_own(doc: Path) -> None:
+    # pydantic's error types are folded into the worker's vocabulary: a runbook that tells
+    # an operator to filter on `extra_forbidden` would find nothing.
+    from audit_worker.events import _PYDANTIC_RULES, RULES
+
+    named = set(re.findall(r"`([a-z][a-z0-9_]+)`", doc.read_text(encoding="utf-8")))
+    stale = sorted(n for n in named if n in _PYDANTIC_RULES and n not in RULES)
+    assert not stale, f"{_rel(doc)} names pydantic error types, not rules: {stale}"

@@ -228,3 +228,8 @@ async def test_open_breaker_makes_callers_wait_instead_of_hammering() -> None:
     # after the breaker opened (2 failures), attempts are spaced by its reset time
     gaps = [b - a for a, b in itertools.pairwise(attempts[2:])]
     assert all(gap >= 0.045 for gap in gaps), gaps
+
+
+def test_breaker_states_keep_the_values_the_state_gauge_publishes() -> None:
+    # audit_breaker_state exports state.value: dashboards and alerts read 0, 1 and 2.
+    assert {s.name: s.value for s in BreakerState} == {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}

@@ -81,17 +81,19 @@ class IntakeSpool:
             )
 
     async def fetch(
-        self, limit: int, *, after: int = 0, timeout: float | None = None
+        self, limit: int, *, after: int = 0, skip: Sequence[int] = (),
+        timeout: float | None = None,
     ) -> list[SpoolRow]:
-        """The oldest `limit` rows with a spool id above `after`, in spool order (rows stay
-        until an append deletes them)."""
+        """The oldest `limit` rows with a spool id above `after` and not in `skip`, in spool
+        order (rows stay until an append deletes them)."""
         async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
             rows = await conn.fetch(
                 "SELECT s.spool_id, s.received_at, s.event_id, s.payload_sealed,"
                 " s.data_key_id, k.wrapped FROM audit.intake_spool s"
                 " LEFT JOIN audit.data_keys k ON k.key_id = s.data_key_id"
-                " WHERE s.spool_id > $2 ORDER BY s.spool_id LIMIT $1",
-                limit, after, timeout=timeout,
+                " WHERE s.spool_id > $2 AND NOT (s.spool_id = ANY($3::bigint[]))"
+                " ORDER BY s.spool_id LIMIT $1",
+                limit, after, list(skip), timeout=timeout,
             )
         return [
             SpoolRow(
@@ -148,8 +150,9 @@ class SpoolOpener:
 
     async def entries(self, rows: Sequence[SpoolRow]) -> list[StreamEntry]:
         """One entry per row, in order. A payload that does not open becomes an entry
-        without payload (the worker dead-letters it, rule ``spool_undecryptable``); a key
-        service that does not answer raises `KeyUnavailableError` (retried)."""
+        without payload, which the caller must leave in the spool (its ciphertext is the
+        only copy of an accepted event); a key service that does not answer raises
+        `KeyUnavailableError` (retried)."""
         out: list[StreamEntry] = []
         for row in rows:
             key = await self._key(row.data_key_id, row.wrapped_key)

@@ -124,6 +124,16 @@ class LogStore:
                 self.log_id,
             )
             pinned = await conn.fetchval("SELECT log_id FROM audit.log_identity")
+            # The heads name the log they were signed for: an emptied or rewritten pin
+            # must not let a worker with another log id in.
+            signed = await conn.fetchval(
+                "SELECT log_id FROM audit.tree_heads WHERE log_id <> $1 LIMIT 1", pinned
+            )
+        if signed is not None:
+            raise ConfigurationError(
+                f"this database pins the log {pinned!r}, but it holds tree heads of the log "
+                f"{signed!r}: stop the writers and run `audit-worker verify`"
+            )
         if pinned == self.log_id:
             self._lock_key = sequencer_lock_key(pinned)
         else:

@@ -49,9 +49,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, SecretStr
 from redis.exceptions import RedisError
+from starlette.requests import ClientDisconnect
 
 from audit_worker.db.spool import IntakeSpool, seal
-from audit_worker.events import AuditEvent, Rejection, parse_event
+from audit_worker.events import AuditEvent, Rejection, parse_event, rejection, value_class
 from audit_worker.resilience import BreakerOpen, BreakerState, describe_error
 
 if TYPE_CHECKING:
@@ -151,7 +152,12 @@ def validate_items(
     """(serialised event, outcome, event id) for each item; pure."""
     out: list[tuple[bytes, AuditEvent | Rejection, str | None]] = []
     for item in items:
-        raw = orjson.dumps(item)
+        try:
+            raw = orjson.dumps(item)
+        except orjson.JSONEncodeError:
+            # orjson reads 1,024 levels of nesting but writes only 254.
+            out.append((b"", rejection("(event)", value_class(item), "too_deep"), None))
+            continue
         outcome = parse_event(raw, max_future_skew=max_future_skew)
         event_id = str(outcome.event_id) if isinstance(outcome, AuditEvent) else _event_id(item)
         out.append((raw, outcome, event_id))
@@ -222,6 +228,9 @@ async def read_limited(request: Request, limit: int, timeout: float | None = Non
 
     try:
         return await asyncio.wait_for(read(), timeout)
+    except ClientDisconnect:
+        # Nobody is left to answer; say so in one fixed line rather than a traceback.
+        raise IntakeError(400, "client_disconnected", "the client went away") from None
     except TimeoutError:
         raise IntakeError(
             408, "body_timeout",

@@ -52,7 +52,8 @@ def hostile_entry(draw: st.DrawFn, n: int) -> bytes:
     event = make_event(n)
     kind = draw(st.sampled_from([
         "value", "value", "unknown_key", "nested_key", "oversized", "invalid_utf8",
-        "not_json", "deep", "out_of_range_time", "refused_by_database", "valid",
+        "not_json", "deep", "deep_list", "out_of_range_time", "refused_by_database",
+        "valid", "numeric_time",
     ]))
     if kind == "value":
         path = draw(st.sampled_from(POSITIONS))
@@ -75,6 +76,15 @@ def hostile_entry(draw: st.DrawFn, n: int) -> bytes:
         for _ in range(draw(st.integers(1, 60))):
             nested = {f"{mark}#k": nested}
         event["entity"] = [nested]
+    elif kind == "deep_list":
+        # orjson reads 1,024 levels but writes only 254: both sides of that bound.
+        depth = draw(st.integers(200, 1100))
+        raw = json.dumps({**event, "detail": None}).encode()
+        nested = b"[" * depth + b'"#' + mark.encode() + b'"' + b"]" * depth
+        return raw[:-1] + b', "entity": ' + nested + b"}"
+    elif kind == "numeric_time":
+        event["occurred"] = draw(st.sampled_from([0, 1767225600, "1767225600", 253402300800]))
+        event["detail"] = f"#{mark}"
     elif kind == "out_of_range_time":
         event["occurred"] = draw(st.sampled_from([
             "0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "1969-07-20T20:17:40Z",

@@ -202,3 +202,18 @@ async def test_served_openapi_matches_the_document(settings: WorkerSettings) -> 
         served = (await http.get("/openapi.json")).json()
     assert served == json.loads(DOCS.read_text())
     await service.redis.aclose()
+
+
+async def test_a_body_nested_past_the_serialisers_limit_is_rejected_not_a_500(
+    settings: WorkerSettings,
+) -> None:
+    deep = b"[" * 300 + b'"MKRDEEP"' + b"]" * 300
+    good = json.dumps(make_event(1)).encode()
+    bad = good[:-1] + b', "entity": ' + deep + b"}"
+    async with running(settings) as worker:
+        single = await post(worker, bad)
+        batch = await post(worker, b"[" + good + b"," + bad + b"]", mode="partial")
+    assert single.status_code == 422
+    assert single.json()["results"][0]["rejection"]["rule"] == "too_deep"
+    assert batch.status_code == 207 and batch.json()["accepted"] == 1
+    assert b"MKRDEEP" not in single.content + batch.content

@@ -173,47 +173,66 @@ async def _ready(worker: Any) -> bool:
     return bool((await worker.get("/readyz")).status_code == 200)
 
 
-async def test_undecryptable_spool_rows_are_dead_lettered_and_the_worker_goes_on(
+async def test_spool_rows_that_do_not_open_stay_in_the_spool_until_their_key_returns(
     settings: WorkerSettings, producer: aioredis.Redis
 ) -> None:
+    # The sealed bytes are the only copy of an accepted event: a row that does not open is
+    # never deleted nor dead-lettered; it is skipped, counted, and tried again later.
     db = settings.database_url.get_secret_value()
-    async with running(settings) as handle:
+    quick = settings.model_copy(update={"configuration_recheck_seconds": 0.5})
+    async with running(quick) as handle:
         worker = handle.service.worker
         assert worker is not None and handle.service.parts is not None
         good, moved, orphan = make_event(1), make_event(2), make_event(3)
-        sealed = dict(_sealed(worker, [good, moved, orphan]))
-        key = worker.data_keys.current()
+        sealed = dict(_sealed(worker, [good, moved]))
         spool = IntakeSpool(handle.service.parts.pool)
         swapped = sealed[uuid.UUID(good["event_id"])]  # a ciphertext moved to another row
         await spool.insert(
             [(uuid.UUID(good["event_id"]), sealed[uuid.UUID(good["event_id"])]),
-             (uuid.UUID(moved["event_id"]), swapped)], key,
+             (uuid.UUID(moved["event_id"]), swapped)], worker.data_keys.current(),
+        )
+        # A row sealed under a data key whose row is not in audit.data_keys (yet).
+        lost_key = worker.data_keys.wrapper.generate_data_key(worker.data_keys.purpose)
+        orphan_blob = worker.cipher.encrypt(
+            lost_key, orjson.dumps(orphan), uuid.UUID(orphan["event_id"]).bytes
         )
         conn = await asyncpg.connect(db)
-        try:  # a row whose data key is not in audit.data_keys
+        try:
             await conn.execute(
                 "INSERT INTO audit.intake_spool (event_id, payload_sealed, data_key_id)"
-                " VALUES ($1, $2, 'ffffffffffffffff')",
-                uuid.UUID(orphan["event_id"]), sealed[uuid.UUID(orphan["event_id"])],
+                " VALUES ($1, $2, $3)", uuid.UUID(orphan["event_id"]), orphan_blob,
+                lost_key.key_id,
             )
         finally:
             await conn.close()
-        handle.service.note_spooled(3)
-        await eventually(lambda: _spool_empty(db), 10, what="spool drained")
-        await eventually(lambda: _stored(db, 1), what="good event stored")
-        letters = await _rows(
-            db, "SELECT stream_entry_id, rule, payload_sealed FROM audit.dead_letters"
-            " ORDER BY id")
-        assert [r["rule"] for r in letters] == ["spool_undecryptable"] * 2
-        assert all(r["stream_entry_id"].startswith("spool-") for r in letters)
-        announced: Any = await producer.xrange(settings.dead_letter_stream)
-        assert [f[b"rule"] for _, f in announced] == [b"spool_undecryptable"] * 2
+        with capture_logs() as logs:
+            handle.service.note_spooled(3)
+            await eventually(lambda: _stored(db, 1), what="good event stored")
+            await eventually(
+                lambda: handle.service.metrics.intake_spool_unopened._value.get() == 2, 10,
+                what="two rows counted as unopened",
+            )
+        assert await count(db, "SELECT count(*) FROM audit.intake_spool") == 2
+        assert await count(db, "SELECT count(*) FROM audit.dead_letters") == 0
+        assert any(e.get("alert") == "audit_spool_unopened" for e in logs)
         assert handle.service.status.phase == "running"
-        # and the worker keeps consuming the stream
+        # the worker keeps consuming the stream meanwhile
         await producer.xadd(settings.stream, {"event": orjson.dumps(make_event(4))})
         await eventually(lambda: _stored(db, 2), what="stream event after the bad rows")
+        # the key row comes back (restored from a backup): the orphan opens at the next look
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.execute(
+                "INSERT INTO audit.data_keys (key_id, purpose, wrapped, wrapper_ref)"
+                " VALUES ($1, 'phi', $2, $3)", lost_key.key_id, lost_key.wrapped,
+                lost_key.wrapper_ref,
+            )
+        finally:
+            await conn.close()
+        await eventually(lambda: _stored(db, 3), 20, what="orphan stored once its key is back")
         logged = {str(r["event_id"]) for r in await _rows(db, "SELECT event_id FROM audit.events")}
-        assert good["event_id"] in logged and moved["event_id"] not in logged
+        assert orphan["event_id"] in logged and moved["event_id"] not in logged
+        assert await count(db, "SELECT count(*) FROM audit.intake_spool") == 1  # the moved one
 
 
 async def test_a_standby_slot_does_not_drain_the_spool(

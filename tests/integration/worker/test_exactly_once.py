@@ -185,3 +185,34 @@ async def test_a_replay_of_an_event_an_old_release_stored_without_a_key_row_is_s
     await _xadd(producer, parts.worker.intake.stream, [event])
     assert await drain(parts) == 0
     assert parts.worker.stats.duplicates == 1
+
+
+@pytest.mark.parametrize(
+    "table", ["log_identity", "event_keys", "dead_letter_replays", "tree_heads", "dead_letters"]
+)
+async def test_the_owner_cannot_truncate_the_logs_evidence_or_identity(
+    parts: Assembly, table: str
+) -> None:
+    # Row triggers never see TRUNCATE; a statement trigger refuses it (even for the owner).
+    async with parts.pool.acquire() as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="TRUNCATE refused"):
+            await conn.execute(f"TRUNCATE audit.{table} CASCADE")
+        assert await conn.fetchval("SELECT count(*) FROM audit.log_identity") == 1
+
+
+async def test_a_rewritten_pin_does_not_let_another_log_id_in(
+    settings: WorkerSettings, producer: aioredis.Redis
+) -> None:
+    async with running_parts(settings) as parts:
+        await _xadd(producer, parts.worker.intake.stream, [make_event(1)])
+        await drain(parts)
+        await parts.worker.sign_tree_head()
+        async with parts.pool.acquire() as conn:
+            # An insider with the owner's rights disables the guard and rewrites the pin.
+            await conn.execute("ALTER TABLE audit.log_identity DISABLE TRIGGER USER")
+            await conn.execute("UPDATE audit.log_identity SET log_id = 'another-log'")
+            await conn.execute("ALTER TABLE audit.log_identity ENABLE TRIGGER USER")
+    other = settings.model_copy(update={"log_id": "another-log"})
+    with pytest.raises(ConfigurationError, match="holds tree heads of the log"):
+        async with running_parts(other):
+            pass

@@ -38,6 +38,7 @@ def test_valid_event_parses_with_utc_time() -> None:
         ({"agent": {"who": "x" * 300}}, "agent.who", "too_long"),
         ({"source": {"observer": "has space"}}, "source.observer", "pattern_mismatch"),
         ({"unexpected": 1}, "(unknown key)", "unknown_field"),
+        ({"role": 1}, "(unknown key)", "unknown_field"),  # a field name, but not here
         ({"agent": {"who": "a", "Jane Doe MRN 12345": 1}}, "agent.(unknown key)", "unknown_field"),
         ({"entity": [{"type": "Patient", "id": 5}]}, "entity.0.id", "wrong_type"),
     ],
@@ -103,3 +104,11 @@ def test_control_characters_in_free_text_are_removed_not_rejected() -> None:
     event = _parse(detail="line one\nline\x07 two")
     assert isinstance(event, AuditEvent)
     assert event.detail == "line one\nline two"
+
+
+@pytest.mark.parametrize("occurred", [0, 1767225600, "1767225600", 253402300800, 1.5, None])
+def test_occurred_must_be_rfc3339_text_not_a_number(occurred: object) -> None:
+    # pydantic alone would read numbers as Unix time (253402300800 as milliseconds: 1978).
+    rejected = _parse(occurred=occurred)
+    assert isinstance(rejected, Rejection)
+    assert (rejected.field, rejected.rule) == ("occurred", "invalid_datetime")

@@ -30,6 +30,7 @@ E = asyncpg.exceptions
         (E.QueryCanceledError(""), "transient"),  # 57014
         (E.LockNotAvailableError(""), "transient"),  # 55P03
         (E.ReadOnlySQLTransactionError(""), "transient"),  # 25006
+        (E.IdleInTransactionSessionTimeoutError(""), "transient"),  # 25P03
         (asyncpg.InterfaceError(""), "transient"),
         (E.CharacterNotInRepertoireError(""), "entry"),  # 22021
         (E.StringDataRightTruncationError(""), "entry"),  # 22001

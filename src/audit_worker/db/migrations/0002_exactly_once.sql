@@ -57,6 +57,20 @@ CREATE TABLE audit.dead_letter_replays (
 CREATE TRIGGER dead_letter_replays_append_only BEFORE UPDATE OR DELETE
     ON audit.dead_letter_replays FOR EACH ROW EXECUTE FUNCTION audit.refuse_change();
 
+-- Row triggers never see TRUNCATE: refuse it too on the tables that hold evidence or
+-- the log's identity (the owner could otherwise empty them without a DELETE). The
+-- partitions of audit.events need one each, which their creation must add.
+CREATE TRIGGER log_identity_no_truncate BEFORE TRUNCATE ON audit.log_identity
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.refuse_change();
+CREATE TRIGGER event_keys_no_truncate BEFORE TRUNCATE ON audit.event_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.refuse_change();
+CREATE TRIGGER dead_letter_replays_no_truncate BEFORE TRUNCATE ON audit.dead_letter_replays
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.refuse_change();
+CREATE TRIGGER tree_heads_no_truncate BEFORE TRUNCATE ON audit.tree_heads
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.refuse_change();
+CREATE TRIGGER dead_letters_no_truncate BEFORE TRUNCATE ON audit.dead_letters
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.refuse_change();
+
 REVOKE ALL ON audit.log_identity, audit.event_keys, audit.intake_spool,
     audit.dead_letter_replays FROM PUBLIC;
 GRANT SELECT, INSERT ON audit.log_identity, audit.event_keys, audit.dead_letter_replays
