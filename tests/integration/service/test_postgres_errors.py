@@ -223,3 +223,26 @@ async def test_unknown_login_halts_at_start_up_and_names_the_fix(
         metrics = (await worker.get("/metrics")).text
         assert _metric(metrics, "audit_configuration_failures_total", 'sqlstate="28000"') >= 1
         assert worker.service.worker is None  # never assembled: nothing consumed
+
+
+async def test_a_conflicting_replay_is_counted_and_logged_by_id_only(
+    settings: WorkerSettings, producer: aioredis.Redis
+) -> None:
+    db = settings.database_url.get_secret_value()
+    original = make_event(9)
+    changed = {**original, "detail": "another body MKR-CONFLICT", "patient": "MKR-PATIENT"}
+    with capture_logs() as logs:
+        async with running(settings) as worker:
+            await _send(producer, settings.stream, [original])
+            await eventually(_has(db, 1), 20)
+            await _send(producer, settings.stream, [changed])
+            await eventually(
+                lambda: worker.service.worker is not None
+                and worker.service.worker.stats.conflicts == 1, 20, what="conflict counted",
+            )
+            metrics = (await worker.get("/metrics")).text
+    assert await count(db) == 1
+    assert "audit_events_conflict_total 1.0" in metrics
+    (line,) = [e for e in logs if e.get("alert") == "audit_event_conflict"]
+    assert line["event_ids"] == [original["event_id"]] and line["count"] == 1
+    assert "MKR" not in repr(logs)
