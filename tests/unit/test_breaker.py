@@ -233,3 +233,92 @@ async def test_open_breaker_makes_callers_wait_instead_of_hammering() -> None:
 def test_breaker_states_keep_the_values_the_state_gauge_publishes() -> None:
     # audit_breaker_state exports state.value: dashboards and alerts read 0, 1 and 2.
     assert {s.name: s.value for s in BreakerState} == {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
+
+
+def test_by_default_three_failures_open_it_for_two_seconds() -> None:
+    clock = Clock()
+    b = CircuitBreaker("redis", clock=clock)
+    b.record_failure()
+    b.record_failure()
+    assert b.state is BreakerState.CLOSED
+    b.record_failure()
+    assert b.state is BreakerState.OPEN
+    clock.now += 1.99
+    assert b.state is BreakerState.OPEN and b.retry_in() == pytest.approx(0.01)
+    clock.now += 0.01
+    assert b.state is BreakerState.HALF_OPEN
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"failure_threshold": 0}, "failure_threshold must be >= 1"),
+    ({"reset_seconds": 0}, "reset_seconds must be > 0"),
+])
+def test_a_breaker_that_could_never_close_or_open_is_refused(
+        kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        CircuitBreaker("redis", **kwargs)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+    CircuitBreaker("redis", failure_threshold=1, reset_seconds=0.001)  # the smallest allowed
+
+
+def test_an_open_breaker_says_when_the_next_trial_is() -> None:
+    clock = Clock()
+    b = breaker(clock, threshold=1, reset=2.0)
+    assert b.retry_in() == 0.0  # closed
+    b.record_failure("refused")
+    clock.now += 1.5
+    assert b.retry_in() == pytest.approx(0.5)
+    with pytest.raises(BreakerOpen) as caught:
+        b.check()
+    assert (caught.value.name, caught.value.retry_in) == ("postgres", pytest.approx(0.5))
+    assert str(caught.value) == "circuit breaker for postgres is open; next trial in 0.5s"
+    clock.now += 0.5
+    assert b.retry_in() == 0.0  # half-open, no trial yet: a call may go now
+    b.check()  # takes the trial
+    assert b.retry_in() == 2.0  # the trial is out: wait for it
+
+
+def test_a_closed_breaker_lets_every_call_through() -> None:
+    b = breaker(Clock())
+    for _ in range(5):
+        b.check()
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_released_trial_that_then_fails_opens_it_again() -> None:
+    clock = Clock()
+    b = breaker(clock, threshold=1)
+    b.record_failure()
+    clock.now += 2.0
+    assert b.allow()
+    b.release()
+    b.record_failure("still down")
+    assert b.state is BreakerState.OPEN
+
+
+def test_failures_and_successes_record_what_happened() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    assert (b.last_error, b.last_failure_at, b.consecutive_failures) == (None, None, 0)
+    b.record_failure("refused")
+    clock.now = 101.0
+    b.record_failure()  # no text: the last one stays
+    assert (b.last_error, b.last_failure_at, b.consecutive_failures) == ("refused", 101.0, 2)
+    assert b.describe() == {"state": "closed", "consecutive_failures": 2,
+                            "last_error": "refused"}
+    b.record_failure("reset")
+    assert b.describe() == {"state": "open", "consecutive_failures": 3, "last_error": "reset"}
+    clock.now += 2.0
+    assert b.describe()["state"] == "half-open"
+    assert b.allow()
+    b.record_success()
+    assert b.describe() == {"state": "closed", "consecutive_failures": 0, "last_error": None}
+    assert b.allow() and b.allow()  # no trial left in flight
+
+
+def test_state_changes_are_reported_with_the_breakers_name() -> None:
+    seen: list[tuple[str, BreakerState]] = []
+    b = CircuitBreaker("kms", failure_threshold=1, clock=Clock(),
+                       on_change=lambda name, state: seen.append((name, state)))
+    b.record_failure()
+    assert seen == [("kms", BreakerState.OPEN)]

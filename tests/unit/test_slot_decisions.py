@@ -7,7 +7,15 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit_worker.slots import ControlValue, EpochMemory, decide, parse_control
+from audit_worker.slots import (
+    SLOTS,
+    UNGATED,
+    ControlValue,
+    EpochMemory,
+    SlotDecision,
+    decide,
+    parse_control,
+)
 
 
 def value(slot: str, epoch: int, **extra: object) -> bytes:
@@ -96,3 +104,47 @@ def test_property_never_active_below_the_highest_epoch_seen(
         if item is not None and decision.reason in ("active", "standby"):
             highest = max(highest, item[1])
         assert memory.epoch == highest
+
+
+# ---- each decision in full, and what it says in logs and /readyz
+
+def test_every_decision_carries_the_value_and_the_highest_epoch() -> None:
+    seen = EpochMemory(5, "green")
+    assert decide("blue", None, seen) == (SlotDecision(False, "no_control_key", None, 5), seen)
+    assert decide("blue", b"[]", seen) == (
+        SlotDecision(False, "invalid_control_value", None, 5), seen)
+    assert decide("blue", value("blue", 4), seen) == (
+        SlotDecision(False, "stale_epoch", ControlValue("blue", 4), 5), seen)
+    assert decide("blue", value("blue", 5), seen) == (
+        SlotDecision(False, "epoch_conflict", ControlValue("blue", 5), 5), seen)
+    assert decide("blue", value("blue", 6), seen) == (
+        SlotDecision(True, "active", ControlValue("blue", 6), 6), EpochMemory(6, "blue"))
+    assert decide("green", value("blue", 6), seen) == (
+        SlotDecision(False, "standby", ControlValue("blue", 6), 6), EpochMemory(6, "blue"))
+
+
+def test_a_decision_describes_itself_for_operators() -> None:
+    blue7 = ControlValue("blue", 7)
+    assert [SlotDecision(*d).describe() for d in (
+        (True, "active", blue7, 7), (False, "standby", blue7, 7), (True, "ungated", None, 0),
+        (False, "no_control_key", None, 0), (False, "invalid_control_value", None, 3),
+        (False, "stale_epoch", blue7, 8), (False, "epoch_conflict", blue7, 7),
+    )] == [
+        "active (epoch 7 names blue)",
+        "standby: epoch 7 names blue",
+        "no slot configured: always consuming",
+        "no control key: no slot is active",
+        "control key does not hold {slot, epoch} JSON",
+        "epoch 7 names blue, older than epoch 8 seen before: not resuming",
+        "epoch 7 names blue, but epoch 7 named another slot before: not resuming until the "
+        "epoch is raised",
+    ]
+    assert SlotDecision(False, "standby", None, 0).describe() == "standby: no value"
+    assert SlotDecision(True, "ungated", None, 0) == UNGATED
+
+
+def test_the_control_value_is_written_as_slot_and_epoch_json() -> None:
+    assert ControlValue("green", 8).encode() == b'{"slot": "green", "epoch": 8}'
+    assert parse_control(ControlValue("green", 8).encode()) == ControlValue("green", 8)
+    assert SLOTS == ("blue", "green")
+    assert EpochMemory() == EpochMemory(0, None)

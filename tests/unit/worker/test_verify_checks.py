@@ -1,0 +1,298 @@
+"""The verifier's checks without a database: one row, one index range, the signed roots
+across ranges, and how findings are counted. Rows are dicts with the columns the verifier
+selects (``log_index``, ``leaf_data``, ``leaf_hash``, ``fragments``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit_worker.crypto import LocalSigner, TreeHead
+from audit_worker.merkle import CompactRange, hash_leaf, root_from_leaf_hashes
+from audit_worker.verify import (
+    Finding,
+    VerifyReport,
+    _Assembler,
+    _check_row,
+    _Chunk,
+    _ChunkChecker,
+    _Collector,
+    _column_problems,
+    _signed_by_any,
+)
+
+CHECKED = ("event_id", "action", "outcome", "patient_hmac", "actor_hmac", "occurred",
+           "recorded")
+
+
+def columns(index: int, **changed: str) -> dict[str, str]:
+    values = {"event_id": f'"e-{index}"', "action": '"R"', "outcome": "0",
+              "patient_hmac": "null", "actor_hmac": '"ab"',
+              "occurred": '"2026-01-01T00:00:00.000Z"', "recorded": '"2026-01-01T00:00:01.000Z"'}
+    return values | changed
+
+
+def leaf(index: int) -> bytes:
+    body = ",".join(f'"{k}":{v}' for k, v in columns(index).items())
+    return f'{{"log_index":{index},{body},"detail":null}}'.encode()
+
+
+def fragments(index: int, **changed: str) -> bytes:
+    return "\n".join(f',"{k}":{v},' for k, v in columns(index, **changed).items()).encode()
+
+
+def row(index: int, data: bytes | None = None, **changed: str) -> dict[str, Any]:
+    data = leaf(index) if data is None else data
+    return {"log_index": index, "leaf_data": data, "leaf_hash": hash_leaf(data),
+            "fragments": fragments(index, **changed)}
+
+
+def hashes(lo: int, hi: int) -> list[bytes]:
+    return [hash_leaf(leaf(i)) for i in range(lo, hi)]
+
+
+# ---- one row
+
+def test_a_row_whose_columns_match_its_leaf_has_no_finding() -> None:
+    findings: list[Finding] = []
+    assert _check_row(row(3), findings) == hash_leaf(leaf(3))
+    assert findings == []
+    assert _column_problems(fragments(3), leaf(3)) == []
+
+
+def test_a_changed_row_no_longer_hashes_to_its_leaf_hash() -> None:
+    changed = row(3) | {"leaf_data": leaf(3).replace(b'"R"', b'"D"')}
+    changed["fragments"] = fragments(3, action='"D"')
+    findings: list[Finding] = []
+    assert _check_row(changed, findings) == hash_leaf(changed["leaf_data"])
+    assert findings == [Finding(
+        "changed_row", "row 3: its data no longer hashes to the leaf hash written with it",
+        index=3)]
+
+
+@pytest.mark.parametrize(("stored_at", "written_for"), [(3, 5), (1, 12)])
+def test_a_row_written_for_another_index_is_reordered(stored_at: int, written_for: int) -> None:
+    moved = row(stored_at, leaf(written_for), outcome="4")  # columns not checked then
+    findings: list[Finding] = []
+    _check_row(moved, findings)
+    assert findings == [Finding(
+        "reordered_row",
+        f'row stored at index {stored_at} was written for another index '
+        f'({{"log_index":{written_for})', index=stored_at)]
+
+
+def test_a_column_that_differs_from_the_leaf_is_named() -> None:
+    findings: list[Finding] = []
+    _check_row(row(3, outcome="12", actor_hmac='"cd"'), findings)
+    assert findings == [Finding(
+        "column_mismatch", "row 3: column(s) outcome, actor_hmac differ from the logged leaf "
+        "(searches would return wrong rows)", index=3)]
+
+
+def test_fragments_of_the_wrong_shape_name_every_column() -> None:
+    assert _column_problems(b',"event_id":"e-3",', leaf(3)) == list(CHECKED)
+
+
+# ---- one index range
+
+def test_a_gapless_range_gives_its_root_and_a_compact_range_per_signed_size() -> None:
+    checker = _ChunkChecker(0, 4, [2, 4, 9])
+    checker.feed([row(0), row(1)])
+    checker.feed([row(2), row(3)])
+    chunk = checker.finish()
+    two = CompactRange()
+    two.extend(hashes(0, 2))
+    assert chunk == _Chunk(0, 4, rows=4, findings=[], broken_at=None,
+                           partials={2: two.hashes, 4: [root_from_leaf_hashes(hashes(0, 4))]},
+                           root=root_from_leaf_hashes(hashes(0, 4)))
+
+
+def test_a_range_may_start_past_zero() -> None:
+    checker = _ChunkChecker(4, 8, [8])
+    checker.feed([row(i) for i in range(4, 8)])
+    chunk = checker.finish()
+    assert chunk.root == root_from_leaf_hashes(hashes(4, 8)) and chunk.findings == []
+
+
+def test_a_second_row_with_an_index_is_a_duplicate_and_is_skipped() -> None:
+    checker = _ChunkChecker(0, 3, [3])
+    checker.feed([row(0), row(1), row(1), row(2)])
+    chunk = checker.finish()
+    assert chunk.findings == [Finding("duplicate_index", "a second row claims index 1",
+                                      index=1)]
+    assert chunk.rows == 4 and chunk.root == root_from_leaf_hashes(hashes(0, 3))
+
+
+def test_one_missing_row_breaks_the_range_where_it_is_missing() -> None:
+    checker = _ChunkChecker(0, 4, [1, 4])
+    checker.feed([row(0), row(1), row(3)])
+    chunk = checker.finish()
+    assert chunk.findings == [Finding("deleted_row", "1 row(s) missing at index 2", index=2)]
+    assert (chunk.broken_at, chunk.root, list(chunk.partials)) == (2, None, [1])
+
+
+def test_several_missing_rows_are_named_as_a_range() -> None:
+    checker = _ChunkChecker(0, 5, [])
+    checker.feed([row(0), row(4)])
+    assert checker.finish().findings == [
+        Finding("deleted_row", "3 row(s) missing at index 1..3", index=1)]
+
+
+def test_rows_missing_at_the_end_of_a_range_are_found_when_it_finishes() -> None:
+    checker = _ChunkChecker(0, 4, [4])
+    checker.feed([row(0), row(1)])
+    chunk = checker.finish()
+    assert chunk.findings == [Finding("deleted_row", "2 row(s) missing at index 2..3", index=2)]
+    assert (chunk.broken_at, chunk.root, chunk.partials) == (2, None, {})
+
+
+def test_a_range_broken_twice_keeps_the_first_break() -> None:
+    checker = _ChunkChecker(0, 6, [])
+    checker.feed([row(0), row(2), row(4)])
+    chunk = checker.finish()
+    assert chunk.broken_at == 1
+    assert [f.index for f in chunk.findings] == [1, 3, 5]
+
+
+def test_a_range_with_a_finding_but_no_gap_still_gives_its_root() -> None:
+    checker = _ChunkChecker(0, 2, [2])
+    checker.feed([row(0, outcome="8"), row(1)])
+    chunk = checker.finish()
+    assert [f.kind for f in chunk.findings] == ["column_mismatch"]
+    assert chunk.root == root_from_leaf_hashes(hashes(0, 2))
+
+
+# ---- signed roots across ranges
+
+def roots(*sizes: int) -> dict[int, bytes]:
+    return {s: root_from_leaf_hashes(hashes(0, s)) for s in sizes}
+
+
+def checked(lo: int, hi: int, signed: list[int], present: range | None = None) -> _Chunk:
+    checker = _ChunkChecker(lo, hi, signed)
+    checker.feed([row(i) for i in (present if present is not None else range(lo, hi))])
+    return checker.finish()
+
+
+def assemble(signed: dict[int, bytes], *chunks: _Chunk) -> VerifyReport:
+    report = VerifyReport()
+    assembler = _Assembler(signed, _Collector(report))
+    for chunk in chunks:
+        assembler.add(chunk)
+    return report
+
+
+def test_every_signed_root_across_ranges_is_verified() -> None:
+    signed = roots(1, 2, 3, 4)
+    report = assemble(signed, checked(0, 2, [1, 2]), checked(2, 4, [3, 4]))
+    assert report.findings == [] and report.verified_size == 4 and report.rows == 4
+
+
+def test_a_root_that_the_rows_do_not_give_is_a_mismatch_and_stops_the_comparison() -> None:
+    signed = roots(1, 2, 3, 4)
+    signed[2] = bytes(32)
+    report = assemble(signed, checked(0, 2, [1, 2]), checked(2, 4, [3, 4]))
+    computed = root_from_leaf_hashes(hashes(0, 2))
+    assert report.findings == [Finding(
+        "root_mismatch", f"tree head at size 2 signs root {'00' * 8}…, "
+        f"the rows give {computed.hex()[:16]}…", tree_size=2)]
+    assert report.verified_size == 1 and report.rows == 4
+
+
+def test_a_missing_range_is_deleted_rows_and_nothing_after_it_is_verified() -> None:
+    signed = roots(2, 6)
+    report = assemble(signed, checked(0, 2, [2]), checked(4, 6, [6]))
+    assert report.findings == [Finding("deleted_row", "2 row(s) missing at index 2..3",
+                                       index=2)]
+    assert report.verified_size == 2 and report.rows == 4
+
+
+def test_nothing_after_a_gap_inside_a_range_is_verified() -> None:
+    signed = roots(1, 3, 4)
+    broken = checked(0, 2, [1], present=range(0, 1))
+    report = assemble(signed, broken, checked(2, 4, [3, 4]))
+    assert [f.kind for f in report.findings] == ["deleted_row"]
+    assert report.verified_size == 1 and report.rows == 3
+
+
+def test_nothing_after_a_short_range_lines_up() -> None:
+    short = _Chunk(0, 2, rows=2, partials={2: [root_from_leaf_hashes(hashes(0, 2))]})
+    report = assemble(roots(2, 3), short, checked(2, 4, [3]))
+    assert report.verified_size == 2 and report.findings == [] and report.rows == 4
+
+
+def test_findings_of_a_range_are_reported_even_after_the_log_broke() -> None:
+    first = checked(0, 2, [], present=range(0, 1))
+    second = checked(2, 4, [], present=range(2, 4))
+    second.findings.append(Finding("column_mismatch", "row 2", index=2))
+    report = assemble({}, first, second)
+    assert [f.kind for f in report.findings] == ["deleted_row", "column_mismatch"]
+
+
+# ---- signatures
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalSigner, LocalSigner]:
+    directory: Path = tmp_path_factory.mktemp("keys")
+    return (LocalSigner(directory / "a.pem", create=True),
+            LocalSigner(directory / "b.pem", create=True))
+
+
+def test_a_tree_head_passes_when_any_of_the_keys_signed_it(
+        keys: tuple[LocalSigner, LocalSigner]) -> None:
+    signer, other = keys
+    head = TreeHead("audit-log", 4, bytes(32), 1000)
+    signature = signer.sign(head.signing_input())
+    assert _signed_by_any([b"not a key", other.public_key_pem(), signer.public_key_pem()],
+                          head, signature)
+    assert not _signed_by_any([other.public_key_pem()], head, signature)
+    assert not _signed_by_any([b"not a key"], head, signature)
+    assert not _signed_by_any([], head, signature)
+
+
+# ---- the report
+
+def test_the_first_50_findings_of_a_kind_are_kept_and_the_rest_counted() -> None:
+    report = VerifyReport()
+    out = _Collector(report)
+    for i in range(52):
+        out.add(Finding("deleted_row", f"row {i}", index=i))
+    out.add(Finding("changed_row", "row 0", index=0))
+    assert [f.index for f in report.findings if f.kind == "deleted_row"] == list(range(50))
+    assert [f.kind for f in report.findings].count("changed_row") == 1
+    assert report.suppressed == {"deleted_row": 2}
+
+
+def test_the_report_is_ok_only_without_findings() -> None:
+    assert VerifyReport().ok
+    assert not VerifyReport(findings=[Finding("deleted_row", "x")]).ok
+
+
+def test_the_report_as_stored_rounds_time_and_rate() -> None:
+    report = VerifyReport(rows=1000, tree_heads=3, valid_tree_heads=2, verified_size=900,
+                          seconds=0.12345, findings=[Finding("unsigned_tail", "100 rows",
+                                                             index=900)],
+                          suppressed={"deleted_row": 7})
+    assert report.rate == 1000 / 0.12345
+    assert report.as_dict() == {
+        "ok": False, "rows": 1000, "tree_heads": 3, "valid_tree_heads": 2,
+        "verified_size": 900, "seconds": 0.123, "rows_per_second": 8100,
+        "findings": [{"kind": "unsigned_tail", "message": "100 rows", "index": 900,
+                      "tree_size": None}],
+        "suppressed": {"deleted_row": 7},
+    }
+
+
+def test_an_instant_report_has_no_rate() -> None:
+    assert VerifyReport(rows=5).rate == 0.0
+    assert VerifyReport(rows=5).as_dict()["rows_per_second"] == 0
+
+
+def test_a_fresh_report_and_chunk_are_empty() -> None:
+    assert VerifyReport().as_dict() == {
+        "ok": True, "rows": 0, "tree_heads": 0, "valid_tree_heads": 0, "verified_size": 0,
+        "seconds": 0.0, "rows_per_second": 0, "findings": [], "suppressed": {}}
+    assert (_Chunk(0, 4).rows, _Chunk(0, 4).findings, _Chunk(0, 4).broken_at,
+            _Chunk(0, 4).partials, _Chunk(0, 4).root) == (0, [], None, {}, None)
