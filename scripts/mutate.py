@@ -267,7 +267,10 @@ def run_mutmut(target: Target, run_dir: Path, log: Callable[[str], None]) -> lis
         f"pytest_add_cli_args_test_selection = {_toml_list(target.tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
         f"also_copy = {_toml_list(target.also_copy)}\n"
-        "use_git_change_detection = false\n",
+        "use_git_change_detection = false\n"
+        # A mutant that loops (a proof walk that never ends) is a kill: find out sooner
+        # than mutmut's default of 15 times the tests' own time.
+        "timeout_multiplier = 5.0\n",
         encoding="utf-8")
     mutmut = _mutmut()
     with (run_dir / "mutmut.log").open("w", encoding="utf-8") as out:

@@ -26,6 +26,7 @@ from infra.settings import (
     DrSettings,
     EnvironmentSettings,
     KeySettings,
+    Problem,
     SettingsError,
     environment_matrix,
     load_environment,
@@ -736,6 +737,20 @@ def test_a_settings_error_without_a_key_path_names_only_the_file() -> None:
         load_environment("local").cloud()
     assert str(caught.value) == (
         "environment local: 'local' is not a cloud environment (no Pulumi stack)")
+    assert caught.value.problems == [
+        Problem("", "'local' is not a cloud environment (no Pulumi stack)")]
+
+
+@pytest.mark.parametrize("section", ["network", "database", "cache", "archive", "cluster"])
+def test_an_environment_missing_any_cloud_section_is_not_a_cloud_environment(
+        section: str) -> None:
+    partial = load_environment("prod").model_copy(update={section: None})
+    with pytest.raises(SettingsError, match="'prod' is not a cloud environment"):
+        partial.cloud()
+
+
+def test_an_environment_file_may_be_given_as_a_path_string(tmp_path: Path) -> None:
+    assert load_environment(str(write(tmp_path, "dev", raw("dev")))).name == "dev"
 
 
 @pytest.mark.parametrize(("content", "reason"), [
@@ -770,6 +785,7 @@ def test_missing_environment_file_names_it() -> None:
         load_environment(Path("/tmp/does-not-exist/nowhere.yaml"))
     assert str(caught.value) == ("/tmp/does-not-exist/nowhere.yaml: no such settings file "
                                  "(environments: dev, staging, prod, dr, local)")
+    assert [p.path for p in caught.value.problems] == [""]
 
 
 def test_an_environment_by_name_is_reported_relative_to_the_repository(

@@ -335,3 +335,11 @@ def test_proofs_verify_in_trees_larger_than_the_property_tests_reach() -> None:
         for old in (1, 3, 512, 1000, size - 1):
             old_root = root_from_leaf_hashes(leaves[:old])
             verify_consistency(old, size, old_root, root, consistency_proof(leaves, old, size))
+
+
+def test_equal_sizes_with_different_roots_name_the_new_root() -> None:
+    with pytest.raises(RootMismatchError) as caught:
+        verify_consistency(4, 4, _root(4), OTHER, [])
+    assert (caught.value.which, caught.value.expected, caught.value.computed) == (
+        "new root", _root(4), OTHER)
+    assert str(caught.value) == f"new root mismatch: computed {OTHER.hex()}, want {_root(4).hex()}"

@@ -296,3 +296,26 @@ def test_a_fresh_report_and_chunk_are_empty() -> None:
         "seconds": 0.0, "rows_per_second": 0, "findings": [], "suppressed": {}}
     assert (_Chunk(0, 4).rows, _Chunk(0, 4).findings, _Chunk(0, 4).broken_at,
             _Chunk(0, 4).partials, _Chunk(0, 4).root) == (0, [], None, {}, None)
+
+
+def test_the_index_a_moved_row_claims_is_shown_cut_and_safe() -> None:
+    forged = b'{"log_index":' + b"9" * 30 + b"\xff" + b',"event_id":"x"}'
+    findings: list[Finding] = []
+    _check_row(row(3, forged), findings)
+    assert findings[0].message == (
+        'row stored at index 3 was written for another index ({"log_index":' + "9" * 27 + ")")
+    invalid = b'{"log_index":7\xff,"event_id":"x"}'
+    findings = []
+    _check_row(row(3, invalid), findings)
+    assert findings[0].message.endswith('({"log_index":7\ufffd)')
+
+
+def test_rows_missing_before_the_first_range_are_deleted_rows() -> None:
+    report = assemble({}, checked(2, 4, []))
+    assert report.findings == [Finding("deleted_row", "2 row(s) missing at index 0..1", index=0)]
+
+
+def test_a_finding_without_a_place_is_stored_with_nulls() -> None:
+    report = VerifyReport(findings=[Finding("truncated_tail", "gone")])
+    assert report.as_dict()["findings"] == [
+        {"kind": "truncated_tail", "message": "gone", "index": None, "tree_size": None}]
