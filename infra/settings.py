@@ -68,16 +68,17 @@ HARDENED: frozenset[str] = frozenset({"prod", "dr"})
 ConfigurationLevel = Literal["basic", "production-like", "hardened", "mirror-production"]
 MonitoringLevel = Literal["standard", "enhanced", "comprehensive", "critical"]
 
-# Patterns match whole values: pydantic's engine searches, so each has both anchors, and
-# Python code uses re.fullmatch (re.match with "$" would accept a trailing newline). Digits
+# Patterns match whole values: pydantic's engine searches, so each pattern it uses has both
+# anchors, and Python code uses re.fullmatch (re.match with "$" accepts a trailing newline). Digits
 # are [0-9]: "\d" also matches other scripts' digits.
 _AWS_REGION = r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$"
 _K8S_CPU = r"^[0-9]+(\.[0-9]+)?m?$"
 _K8S_MEMORY = r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$"
 _K8S_NAMESPACE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-_K8S_LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?" \
-                 r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-_K8S_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+# Label keys and values are checked in Python only (re.fullmatch): no anchors needed.
+_K8S_LABEL_KEY = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?" \
+                 r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_K8S_LABEL_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
 DEFAULT_INGRESS_NAMESPACES: tuple[str, ...] = ("monitoring",)
 """Namespaces admitted to the worker's port 8080 when an environment lists none: Prometheus."""
 

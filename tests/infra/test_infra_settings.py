@@ -26,6 +26,7 @@ from infra.settings import (
     DrSettings,
     EnvironmentSettings,
     KeySettings,
+    NetworkSettings,
     Problem,
     SettingsError,
     environment_matrix,
@@ -392,6 +393,13 @@ REFUSED: list[Any] = [
                    id=f"local-with-{section}")
       for section in ("network", "database", "cache", "archive", "cluster")),
     # ---- worker, probes, names
+    pytest.param("staging", {"cache.num_cache_clusters": 1}, "cache.num_cache_clusters",
+                 "must be >= 2 with automatic_failover", id="failover-with-one-node"),
+    pytest.param("prod", {"worker.ingress_pods": [{"namespace": "gateway", "match_labels": {
+        "a" * 64: "x", "app": "x" * 64, "ok": "ab"}}]},
+                 "worker.ingress_pods[0].match_labels",
+                 f"not Kubernetes labels: {'a' * 64}=x, app={'x' * 64}",
+                 id="labels-of-64-characters"),
     pytest.param("dev", {"worker.replicas": 3}, "worker.replicas",
                  "must satisfy min_replicas <= replicas <= max_replicas", id="replicas-above-max"),
     pytest.param("dev", {"worker.min_replicas": 2}, "worker.replicas",
@@ -499,6 +507,9 @@ ACCEPTED: list[Any] = [
                  id="longest-labels-and-namespace"),
     pytest.param("prod", {"worker.ingress_namespaces": ["monitoring", "a", "a" * 63]},
                  id="namespaces-of-1-and-63-characters"),
+    pytest.param("dr", {"dr.strategy": "warm-standby"}, id="warm-standby-dr"),
+    pytest.param("dr", {"dr.dns.zone_name": "audit.io", "dr.dns.health_check_fqdn": "h.a.io"},
+                 id="two-letter-top-level-domains"),
 ]
 
 
@@ -676,6 +687,11 @@ def test_optional_settings_default_to_the_safe_values() -> None:
                               existing_kubeconfig_secret="s")
     assert (cluster.endpoint_public_access, cluster.public_access_cidrs, cluster.node_disk_gb,
             cluster.version, cluster.node_instance_types) == (False, [], 50, None, [])
+    new = ClusterSettings(create=True, version="1.31", node_instance_types=["m6i.large"],
+                          node_min_size=1, node_desired_size=1, node_max_size=1)
+    assert (new.existing_cluster_name, new.existing_kubeconfig_secret) == (None, None)
+    assert NetworkSettings(vpc_cidr="10.0.0.0/16", availability_zones=2,
+                           nat_gateways="single").existing_private_subnet_ids == []
     dns = DnsFailoverSettings(hosted_zone_id="Z0123", zone_name="a.org",
                               health_check_fqdn="h.a.org")
     assert (dns.intake_record, dns.database_record, dns.health_check_path, dns.ttl_seconds) == (
@@ -696,6 +712,12 @@ def test_database_cache_and_worker_defaults(tmp_path: Path) -> None:
     assert (cache.engine_version, cache.snapshot_retention_days) == ("7.1", 0)
     assert settings.worker.target_cpu_percent == 70
     assert settings.keys == KeySettings(deletion_window_days=7)
+
+
+def test_an_environment_without_a_keys_section_gets_kms_keys(tmp_path: Path) -> None:
+    data = raw("dev")
+    del data["keys"]
+    assert load_environment(write(tmp_path, "dev", data)).keys == KeySettings()
 
 
 def test_settings_cannot_be_changed_once_loaded() -> None:
