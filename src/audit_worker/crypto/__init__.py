@@ -13,6 +13,7 @@ from .signing import (
     public_key_fingerprint,
     verify_tree_head,
 )
+from .trusted_keys import HeadCheck, TrustedKey, TrustedKeys, TrustedKeysError
 from .wrapping import (
     DATA_KEY_BYTES,
     DataKey,
@@ -31,6 +32,7 @@ __all__ = [
     "DataKeyManager",
     "DecryptionError",
     "FieldCipher",
+    "HeadCheck",
     "KeyUnavailableError",
     "KeyWrapper",
     "KmsKeyWrapper",
@@ -42,6 +44,9 @@ __all__ = [
     "SignatureError",
     "TreeHead",
     "TreeHeadSigner",
+    "TrustedKey",
+    "TrustedKeys",
+    "TrustedKeysError",
     "data_key_id",
     "public_key_fingerprint",
     "verify_tree_head",
