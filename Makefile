@@ -24,6 +24,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/spool.py
+	$(BIN)/python bench/archive.py
 
 lint: setup
 	$(BIN)/ruff check src infra tests bench

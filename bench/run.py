@@ -8,6 +8,9 @@ Scenarios (all on this machine, PostgreSQL with fsync and synchronous commit ON)
   steady      p50/p99 latency from XADD to commit at 1,000 events/s (producer in a
               separate process)
   burst       p99 latency of a 5,000-event burst into an idle worker
+  witness     the pipeline with witnessing off and on (a checkpoint to an Object Lock
+              bucket on moto's S3 every 10 s, the default, and every 1 s), alternated;
+              and the cost of one publication (sign the note, two PUTs)
   verify      `verify_log` over everything the run stored
 Prints a table and writes bench/results/latest.json.
 """
@@ -36,7 +39,7 @@ from audit_worker.crypto import DataKeyManager, FieldCipher, LocalKeyWrapper, Ps
 from audit_worker.db.migrate import migrate
 from audit_worker.db.store import EVENT_COLUMNS
 from audit_worker.events import AuditEvent, parse_event
-from audit_worker.localenv.servers import PostgresServer, RedisServer
+from audit_worker.localenv.servers import MotoServer, PostgresServer, RedisServer
 from audit_worker.localenv.workload import produce, synthetic_event
 from audit_worker.records import RecordBuilder, sequence
 from audit_worker.service import run as run_worker
@@ -46,6 +49,8 @@ from audit_worker.worker import BatchResult
 console = Console()
 RESULTS = Path(__file__).parent / "results"
 PIPELINE_EVENTS = int(os.environ.get("BENCH_PIPELINE_EVENTS", "100000"))
+WITNESS_EVENTS = int(os.environ.get("BENCH_WITNESS_EVENTS", "40000"))
+WITNESS_ROUNDS = 2
 
 
 def pct(values: list[float], q: float) -> float:
@@ -201,6 +206,67 @@ async def bench_latency(
     }
 
 
+def locked_bucket(moto: MotoServer) -> str:
+    import boto3
+
+    client = boto3.client("s3", **moto.boto3_kwargs())
+    client.create_bucket(Bucket="bench-archive", ObjectLockEnabledForBucket=True)
+    client.put_object_lock_configuration(
+        Bucket="bench-archive",
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 6}},
+        },
+    )
+    return "bench-archive"
+
+
+def bench_publication(moto: MotoServer, bucket: str, key_dir: Path, count: int) -> dict[str, float]:
+    """One witness publication as the worker makes it: sign the checkpoint note, check the
+    signature, write the size's object once and replace `checkpoint`."""
+    import boto3
+
+    from audit_worker.crypto import LocalSigner, TrustedKeys
+    from audit_worker.crypto.checkpoint import Checkpoint, open_note, sign_note
+    from audit_worker.objectstore import S3Store
+    from audit_worker.witness import WitnessLog
+
+    signer = LocalSigner(key_dir / "signing.pem")
+    keys = TrustedKeys.from_pems([signer.public_key_pem()])
+    log = WitnessLog(S3Store(bucket, "publication", boto3.client("s3", **moto.boto3_kwargs())),
+                     "bench", keys)
+    seconds = []
+    for size in range(1, count + 1):
+        started = time.perf_counter()
+        note = sign_note(Checkpoint("bench", size, bytes(32), size), signer, keys.keys[0])
+        open_note(note, keys)
+        log.publish(note, size)
+        seconds.append(time.perf_counter() - started)
+    return {"p50_ms": statistics.median(seconds) * 1000, "p99_ms": pct(seconds, 0.99) * 1000}
+
+
+async def bench_witness(
+    url: str, redis_url: str, env: dict[str, str], moto: MotoServer, bucket: str
+) -> dict[str, Any]:
+    """Witnessing off and on, alternated in the same run so drift hits both alike."""
+    on = {
+        **env, "AUDIT_ARCHIVE_URL": f"s3://{bucket}/", "AUDIT_AWS_ENDPOINT_URL": moto.url,
+        "AUDIT_AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    modes = {
+        "off": env,
+        "on_10s": {**on, "AUDIT_WITNESS_INTERVAL_SECONDS": "10"},
+        "on_1s": {**on, "AUDIT_WITNESS_INTERVAL_SECONDS": "1"},
+    }
+    runs: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(WITNESS_ROUNDS):
+        for mode, mode_env in modes.items():
+            result = await bench_pipeline(url, redis_url, mode_env, 1, WITNESS_EVENTS)
+            runs[mode].append(result["sustained_events_per_s"])
+    return {"events_per_run": WITNESS_EVENTS, "sustained_events_per_s": runs}
+
+
 async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="audit-bench-"))
     pg = PostgresServer(fast=False).start()
@@ -243,6 +309,14 @@ async def main() -> None:
                 results[f"pipeline_{workers}w"] = await bench_pipeline(
                     pg.url, rd.url, env, workers, PIPELINE_EVENTS
                 )
+        with console.status("witness: pipeline with witnessing off and on, alternated"):
+            moto = MotoServer().start()
+            try:
+                bucket = locked_bucket(moto)
+                results["witness"] = await bench_witness(pg.url, rd.url, env, moto, bucket)
+                results["witness"]["publication"] = bench_publication(moto, bucket, key_dir, 200)
+            finally:
+                moto.stop()
         with console.status("steady: 1,000 events/s for 20 s"):
             results["steady_1000"] = await bench_latency(settings, rd.url, 20_000, 1000.0)
         with console.status("burst: 5,000 events at once"):
@@ -253,7 +327,9 @@ async def main() -> None:
 
             pem = LocalSigner(key_dir / "signing.pem").public_key_pem()
             for procs in (1, 2):
-                report = await verify_log(conn, pem, dsn=pg.url, workers=procs)
+                report = await verify_log(
+                    conn, pem, log_id=settings.log_id, dsn=pg.url, workers=procs
+                )
                 results[f"verify_{procs}p"] = {
                     "ok": report.ok,
                     "rows": report.rows,
@@ -276,6 +352,17 @@ async def main() -> None:
             f"{p['sustained_events_per_s']:,.0f} events/s sustained"
             f" ({p['drain_events_per_s']:,.0f}/s including start-up)",
         )
+    witness = results["witness"]
+    for mode, rates in witness["sustained_events_per_s"].items():
+        table.add_row(
+            f"pipeline, witness {mode.replace('_', ' every ')}",
+            f"{min(rates):,.0f} to {max(rates):,.0f} events/s sustained ({len(rates)} runs)",
+        )
+    publication = witness["publication"]
+    table.add_row(
+        "one witness publication (sign, 2 PUTs to moto S3)",
+        f"p50 {publication['p50_ms']:.1f} ms, p99 {publication['p99_ms']:.1f} ms",
+    )
     for name in ("steady_1000", "burst_5000"):
         r = results[name]
         table.add_row(

@@ -150,7 +150,13 @@ def chart_values(
             "kmsDataKeyId": bindings.data_key_id,
             "kmsSigningKeyId": bindings.signing_key_id,
         },
-        "aws": {"region": settings.region, "archiveBucket": bindings.archive_bucket},
+        "aws": {
+            "region": settings.region,
+            "archiveBucket": bindings.archive_bucket,
+            "archiveDetachVerifiedMonths": (
+                settings.archive is not None and settings.archive.detach_verified_months
+            ),
+        },
         "secrets": {
             "existingSecret": CONNECTIONS_SECRET,
             "databaseUrlKey": DATABASE_URL_KEY,

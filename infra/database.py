@@ -3,14 +3,16 @@
 - Encrypted at rest with the database key (storage and Performance Insights).
 - The master password is managed by RDS in Secrets Manager, encrypted with the secrets key:
   it is never in Pulumi state or in any output.
-- TLS only (``rds.force_ssl=1``) and pgaudit for DDL and role changes. pgaudit never logs
-  statement parameters, which would put PHI into the PostgreSQL log.
+- TLS only (``rds.force_ssl=1``) and pgaudit for DDL, role changes, writes and ``SET``: what
+  the owner would do to get past the append-only triggers (migration 0003). pgaudit never
+  logs statement parameters, which would put PHI into the PostgreSQL log.
 - The worker connects as its own login role (``worker_username``), whose generated password
   is kept in a Secrets Manager secret encrypted with the secrets key. Pulumi cannot reach the
   private instance, so a one-time bootstrap (with the master secret) creates that login with
-  this password and grants it ``audit_writer``, the NOLOGIN role of migration 0001 (SELECT
-  and INSERT only). In DR the replica already has the role, so the DR stack passes prod's
-  worker password in (`DatabaseArgs.worker_password`).
+  this password, grants it ``audit_writer``, the NOLOGIN role of migration 0001 (SELECT
+  and INSERT only), and sets its session timeouts (docs/guides/deployment-patterns.md,
+  "The worker's database login"). In DR the replica already has the role, so the DR
+  stack passes prod's worker password in (`DatabaseArgs.worker_password`).
 - Migrations run as a third login that owns schema ``audit``, created by the same bootstrap
   and stored by the operator in the Kubernetes Secret ``audit-worker-migration``; Pulumi never
   sees its password (see `infra.workload`).
@@ -36,7 +38,9 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "rds.force_ssl": ("1", "pending-reboot"),
     "ssl_min_protocol_version": ("TLSv1.2", "pending-reboot"),
     "shared_preload_libraries": ("pgaudit,pg_stat_statements", "pending-reboot"),
-    "pgaudit.log": ("ddl,role", "immediate"),
+    # DDL (DISABLE TRIGGER, DETACH, DROP), grants, every write including TRUNCATE, and SET
+    # (session_replication_role = replica silences the append-only row triggers).
+    "pgaudit.log": ("ddl,role,write,misc_set", "immediate"),
     "pgaudit.log_catalog": ("0", "immediate"),
     "pgaudit.log_parameter": ("0", "immediate"),
     "pgaudit.role": ("rds_pgaudit", "immediate"),

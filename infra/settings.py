@@ -221,6 +221,12 @@ class ArchiveSettings(_Model):
         description="HIPAA keeps documentation 6 years (45 CFR 164.316(b)(2)); never less.",
     )
     replicate_to_dr: bool = False
+    detach_verified_months: bool = Field(
+        default=False,
+        description="Remove a month from the hot database once its archived bundle is "
+        "verified (AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS): hot storage stays bounded; the "
+        "rows stay provable from the archive.",
+    )
 
 
 class ClusterSettings(_Model):

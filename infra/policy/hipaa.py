@@ -18,6 +18,8 @@ no-public-data-stores              RDS not public; ElastiCache in private       
                                    subnets; no 0.0.0.0/0 ingress; S3 public
                                    access blocked
 tls-in-transit                     rds.force_ssl=1; Redis TLS; S3 denies non-TLS  164.312(e)(1)
+database-audit-logging             PostgreSQL parameter groups load pgaudit, log  164.312(b)
+                                   DDL, roles, writes and SET, never parameters
 backup-retention                   RDS backups >= 7 days, >= 35 in prod           164.308(a)(7)
 deletion-protection                prod and DR databases: deletion protection,    164.308(a)(7)
                                    final snapshot, Pulumi ``protect``
@@ -63,6 +65,7 @@ __all__ = [
     "backup_retention",
     "cmk_encryption_at_rest",
     "containers_run_as_non_root",
+    "database_audit_logging",
     "deletion_protection",
     "kms_symmetric_key_rotation",
     "no_plaintext_secret_outputs",
@@ -306,6 +309,46 @@ def tls_in_transit(args: ResourceValidationArgs, report_violation: ReportViolati
                          "aws:SecureTransport is false", None)
 
 
+# What gets past the append-only triggers (migration 0003) is DDL (DISABLE TRIGGER, DETACH,
+# DROP), a grant, a write, or SET session_replication_role: pgaudit must record each.
+PGAUDIT_REQUIRED = ("ddl", "role", "write", "misc_set")
+_PGAUDIT_ALL = frozenset({"read", "write", "function", "role", "ddl", "misc", "misc_set"})
+
+
+def _pgaudit_classes(value: str) -> set[str]:
+    """The classes a ``pgaudit.log`` value records (``all``, and ``-class`` subtractions)."""
+    items = [item.strip().lower() for item in value.split(",") if item.strip()]
+    wanted = {item for item in items if not item.startswith("-")}
+    removed = {item[1:] for item in items if item.startswith("-")}
+    classes = set(_PGAUDIT_ALL) if "all" in wanted else wanted
+    if "misc" in classes:
+        classes.add("misc_set")  # misc records every SET as well
+    return classes - removed - ({"misc_set"} if "misc" in removed else set())
+
+
+def database_audit_logging(args: ResourceValidationArgs,
+                           report_violation: ReportViolation) -> None:
+    """PostgreSQL parameter groups load pgaudit and log DDL, roles, writes and SET, never
+    statement parameters (they can be patient data)."""
+    p, where = args.props, _where(args)
+    if args.resource_type != RDS_PARAMETER_GROUP or not str(p.get("family", "")).startswith(
+            "postgres"):
+        return
+    values = {str(_get(x, "name")): str(_get(x, "value")) for x in _list(p.get("parameters"))}
+    libraries = [x.strip() for x in values.get("shared_preload_libraries", "").split(",")]
+    if "pgaudit" not in libraries:
+        report_violation(f"{where}: parameter shared_preload_libraries must include pgaudit",
+                         None)
+    logged = values.get("pgaudit.log", "none")
+    missing = [c for c in PGAUDIT_REQUIRED if c not in _pgaudit_classes(logged)]
+    if missing:
+        report_violation(f"{where}: parameter pgaudit.log must record {', '.join(missing)} "
+                         f"(it is {logged!r}; use {','.join(PGAUDIT_REQUIRED)})", None)
+    if values.get("pgaudit.log_parameter", "0").lower() not in ("0", "off", "false"):
+        report_violation(f"{where}: parameter pgaudit.log_parameter must be 0: bound values "
+                         "can be patient data", None)
+
+
 def backup_retention(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     """RDS keeps automated backups >= 7 days, >= 35 in prod (from the environment tag)."""
     if args.resource_type != RDS_INSTANCE:
@@ -499,6 +542,8 @@ RESOURCE_POLICIES: list[ResourceValidationPolicy] = [
     _resource_policy("tls-in-transit", tls_in_transit,
                      "Use infra/database.py's parameter group, transit_encryption_enabled, "
                      "and infra/archive.py's tls_only_policy."),
+    _resource_policy("database-audit-logging", database_audit_logging,
+                     "Use infra/database.py's parameter group (PARAMETERS)."),
     _resource_policy("backup-retention", backup_retention,
                      "Raise database.backup_retention_days in environments/<env>.yaml."),
     _resource_policy("deletion-protection", deletion_protection,

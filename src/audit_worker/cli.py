@@ -191,47 +191,102 @@ def migrate(
         raise typer.Exit(1)
 
 
+def _trusted_keys(public_key: list[Path] | None, trusted_keys: Path | None) -> Any:
+    """The keys `verify` trusts: one --public-key for all time, or a --trusted-keys file."""
+    from audit_worker.crypto import TrustedKeys, TrustedKeysError
+
+    if public_key and trusted_keys is not None:
+        raise _fail("give --public-key or --trusted-keys, not both (list every key in the "
+                    "--trusted-keys file)")
+    if trusted_keys is not None:
+        try:
+            return TrustedKeys.load(trusted_keys)
+        except TrustedKeysError as exc:
+            raise _fail(f"--trusted-keys: {exc}") from None
+    if not public_key:
+        raise _fail("say which key signs the tree heads: --public-key FILE (one key, trusted "
+                    "for all time) or --trusted-keys FILE (keys with their validity windows)")
+    if len(public_key) > 1:
+        raise _fail("--public-key was given more than once: a key rotation needs each key's "
+                    "validity window, so list the keys with their windows in a "
+                    "--trusted-keys file (format: docs/audit-log.md)")
+    try:
+        pem = public_key[0].read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read public key {public_key[0]}: {exc.strerror}") from None
+    try:
+        return TrustedKeys.from_pems([pem])
+    except TrustedKeysError as exc:
+        raise _fail(f"--public-key {public_key[0]}: {exc}") from None
+
+
 @app.command()
 def verify(
     public_key: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
-            help="PEM public key of the tree-head signer; repeat it for each key the log was "
-            "signed with across a key rotation"
+            help="PEM public key of the tree-head signer, trusted for all time (one key; "
+            "after a rotation use --trusted-keys)"
         ),
-    ],
+    ] = None,
+    trusted_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file listing the signing keys, each with its validity window "
+            "(valid_from, valid_until); a head counts only from a key valid at its time"
+        ),
+    ] = None,
     database_url: DbOpt = None,
-    log_id: str | None = typer.Option(None, help="expected log id in every tree head"),
+    log_id: str | None = typer.Option(
+        None, help="required: the log id every tree head must name (the workers' AUDIT_LOG_ID)"
+    ),
     allow_unsigned_tail: bool = typer.Option(
         False, help="do not fail on rows newer than the last signed tree head (live logs)"
     ),
     workers: int = typer.Option(
         os.cpu_count() or 1, min=1, help="processes for the per-row checks of large logs"
     ),
+    archive: str | None = typer.Option(
+        None, "--archive", help="also verify the archived months (s3://bucket/prefix or a "
+        "directory), chained to each other and to the hot rows"
+    ),
+    witness: str | None = typer.Option(
+        None, "--witness", help="check the database against the newest checkpoint witnessed "
+        "outside it (s3://bucket/prefix or a directory: the workers' AUDIT_ARCHIVE_URL)"
+    ),
     output: OutputOpt = Output.text,
 ) -> None:
-    """Recompute every leaf and signed root; exit 1 and list what is wrong if anything is."""
+    """Recompute every leaf, signed root and the dead-letter chain; exit 1 and list what is
+    wrong if anything is. The report's limits say what one database cannot show."""
     from audit_worker.verify import verify_log
 
+    if not log_id:
+        raise _fail("--log-id is required: the log id every tree head must name (the "
+                    "workers' AUDIT_LOG_ID, e.g. --log-id audit-log); without it a head "
+                    "signed for another log would count")
+    trusted = _trusted_keys(public_key, trusted_keys)
     url = _need_db(database_url)
-    pems = []
-    for path in public_key:
-        try:
-            pems.append(path.read_bytes())
-        except OSError as exc:
-            raise _fail(f"cannot read public key {path}: {exc.strerror}") from None
+    witnessed, forged = _read_witness(witness, trusted, log_id) if witness else (None, [])
 
     async def go() -> Any:
         conn = await asyncpg.connect(url)
         try:
+            if archive is not None:
+                return await _verify_archive(conn, archive, trusted, log_id, dsn=url,
+                                             workers=workers, witness=witnessed,
+                                             allow_unsigned_tail=allow_unsigned_tail)
             return await verify_log(
-                conn, pems, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail,
-                dsn=url, workers=workers,
+                conn, trusted, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail,
+                dsn=url, workers=workers, witness=witnessed,
             )
         finally:
             await conn.close()
 
     report = asyncio.run(go())
+    if witness:
+        from audit_worker.verify import note_witness_read
+
+        note_witness_read(report, forged, found=witnessed is not None)
     if output is Output.json:
         _emit(output, report.as_dict())
     else:
@@ -239,16 +294,70 @@ def verify(
         console.print(
             f"{status}  rows {report.rows}, tree heads {report.valid_tree_heads}/"
             f"{report.tree_heads} valid, verified size {report.verified_size}, "
+            f"dead letters {report.dead_letters}, "
             f"{report.seconds:.2f}s ({report.rate:,.0f} rows/s)"
         )
         if report.findings:
             table = Table("kind", "where", "finding")
             for f in report.findings:
-                where = f"index {f.index}" if f.index is not None else f"size {f.tree_size}"
-                table.add_row(f.kind, where, f.message)
+                table.add_row(f.kind, _where(f), f.message)
             console.print(table)
+        if archive is not None:
+            rate = report.archived_rows / report.archive_seconds if report.archive_seconds else 0
+            console.print(
+                f"archive: {report.archived_months} month(s), {report.archived_rows} rows "
+                f"verified, {report.archive_seconds:.2f}s ({rate:,.0f} rows/s)"
+            )
+        for limit in report.limits:
+            console.print(f"[yellow]limit:[/yellow] {limit}")
     if not report.ok:
         raise typer.Exit(1)
+
+
+async def _verify_archive(conn: Any, url: str, trusted: Any, log_id: str, **kwargs: Any) -> Any:
+    """`verify --archive`: the months in the archive, then the hot rows from their end."""
+    from audit_worker.archive.reader import verify_with_archive
+    from audit_worker.objectstore import ObjectStoreError, open_store
+
+    try:
+        store = open_store(url)
+    except ValueError as exc:
+        raise _fail(f"--archive: {exc}") from None
+    try:
+        return await verify_with_archive(conn, store, trusted, log_id=log_id, **kwargs)
+    except ObjectStoreError as exc:
+        raise _fail(f"--archive: {exc}") from None
+
+
+def _read_witness(url: str, trusted: Any, log_id: str) -> tuple[Any, list[tuple[str, str]]]:
+    """`verify --witness`: the newest checkpoint there that verifies, and the refused ones."""
+    from audit_worker.objectstore import ObjectStoreError, open_store
+    from audit_worker.verify import WitnessedCheckpoint
+    from audit_worker.witness import WitnessLog
+
+    try:
+        log = WitnessLog(open_store(url), log_id, trusted)
+        read = log.newest()
+    except ValueError as exc:
+        raise _fail(f"--witness: {exc}") from None
+    except ObjectStoreError as exc:
+        raise _fail(f"--witness: {exc}") from None
+    found = None
+    if read.newest is not None:
+        found = WitnessedCheckpoint(read.newest.checkpoint, f"{log.url}{read.newest.key}")
+    return found, [(f"{log.url}{key}", why) for key, why in read.refused]
+
+
+def _where(finding: Any) -> str:
+    if finding.kind.startswith("dead_letter_"):
+        if finding.index is not None:
+            return f"dead-letter chain index {finding.index}"
+        return f"dead letter id {finding.dead_letter_id}"
+    if finding.index is not None:
+        return f"index {finding.index}"
+    if finding.tree_size is None:
+        return "archive"
+    return f"size {finding.tree_size}"
 
 
 @app.command("search-key")
@@ -293,14 +402,33 @@ def prove(
     event_id: Annotated[uuid.UUID, typer.Argument(help="event to prove")],
     database_url: DbOpt = None,
     tree_size: int | None = typer.Option(None, help="tree size (default: latest tree head)"),
+    archive: str | None = typer.Option(
+        None, "--archive", help="archive (s3://bucket/prefix or a directory) to take the leaves "
+        "of months that left the database from; needs --log-id and a key"
+    ),
+    log_id: str | None = typer.Option(None, help="the log id (with --archive)"),
+    public_key: Annotated[
+        list[Path] | None, typer.Option(help="signer's PEM public key (with --archive)")
+    ] = None,
+    trusted_keys: Annotated[
+        Path | None, typer.Option(help="trusted-keys YAML file (with --archive)")
+    ] = None,
     output: OutputOpt = Output.json,
 ) -> None:
-    """Inclusion proof of an event in a signed tree head."""
+    """Inclusion proof of an event in a signed tree head. With --archive, also for events
+    whose month was exported and left the database (leaves from the verified bundles)."""
     from audit_worker.db.store import LogStore
     from audit_worker.proofs import ProofError, prove_inclusion
     from audit_worker.service import open_pool
 
     url = _need_db(database_url)
+    if archive is not None:
+        if not log_id:
+            raise _fail("--archive needs --log-id (the workers' AUDIT_LOG_ID)")
+        data = asyncio.run(_prove_archived(url, archive, _trusted_keys(public_key, trusted_keys),
+                                           log_id, event_id, tree_size))
+        _emit(Output.json, data) if output is Output.json else console.print(data)
+        return
 
     async def go() -> dict[str, Any]:
         pool = await open_pool(url, size=1)
@@ -323,9 +451,124 @@ def prove(
 
     try:
         data = asyncio.run(go())
-    except ProofError as exc:
-        raise _fail(str(exc), 1) from None
+    except (ProofError, AuditError) as exc:
+        # After months left the database, their leaves are only in the archive.
+        raise _fail(f"{exc} (if months were archived and detached, pass --archive)", 1) from None
     _emit(Output.json, data) if output is Output.json else console.print(data)
+
+
+async def _prove_archived(
+    url: str, archive: str, trusted: Any, log_id: str, event_id: uuid.UUID, size: int | None
+) -> dict[str, Any]:
+    from audit_worker.archive import BundleError
+    from audit_worker.archive.reader import prove_archived
+    from audit_worker.objectstore import ObjectStoreError, open_store
+
+    conn = await asyncpg.connect(url)
+    try:
+        if size is None:
+            size = await conn.fetchval("SELECT max(tree_size) FROM audit.tree_heads")
+            if size is None:
+                raise _fail("no signed tree head yet", 1)
+        proof = await prove_archived(conn, open_store(archive), trusted, log_id=log_id,
+                                     event_id=event_id, tree_size=size)
+    except (LookupError, BundleError, ObjectStoreError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
+    finally:
+        await conn.close()
+    return {
+        "event_id": str(proof.event_id), "log_index": proof.log_index,
+        "tree_size": proof.tree_size, "leaf_hash": proof.leaf_hash.hex(),
+        "path": [h.hex() for h in proof.path], "root": proof.root.hex(),
+        "archived_month": proof.month,
+    }
+
+
+# --------------------------------------------------------------------------- archive
+
+archive_app = typer.Typer(
+    help="The six-year archive: closed months exported to the S3 Object Lock bucket as "
+    "self-verifying bundles (format: docs/audit-log.md).",
+    no_args_is_help=True,
+)
+app.add_typer(archive_app, name="archive")
+
+
+@archive_app.command("export")
+def archive_export(
+    config: ConfigOpt = None,
+    month: str | None = typer.Option(
+        None, help="only this month (YYYY-MM); months go in order, so earlier ones first"
+    ),
+    detach: bool | None = typer.Option(
+        None, "--detach/--no-detach",
+        help="remove verified months from the hot database (default: "
+        "AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS)",
+    ),
+    output: OutputOpt = Output.text,
+) -> None:
+    """Export closed months (ended more than AUDIT_ARCHIVE_GRACE_SECONDS ago) to the
+    archive (AUDIT_ARCHIVE_URL or AUDIT_ARCHIVE_BUCKET), read each back and verify it,
+    record it in audit.archived_months; what the worker's maintenance loop does hourly.
+
+    Examples:
+
+        # export every month that is due, with progress on stderr
+        audit-worker archive export
+
+        # one month, as JSON (exit 1 if it was refused)
+        audit-worker archive export --month 2026-10 --output json
+
+    Leaves behind: objects under <log_id>/months/YYYY-MM/ (kept six years under Object
+    Lock, never replaced), a row per month in audit.archived_months, and with --detach the
+    month's partition dropped (audit.detached_months)."""
+    from datetime import date
+
+    from audit_worker.archive import BundleError, ExportRefusedError
+    from audit_worker.archive.maintenance import build_exporter
+    from audit_worker.keyring import build_keys
+    from audit_worker.objectstore import ObjectStoreError
+    from audit_worker.service import open_pool
+
+    settings = _settings(config)
+    logs.configure(settings.log_level, settings.log_format)  # to stderr: stdout is the report
+    only = None
+    if month is not None:
+        try:
+            only = date.fromisoformat(month + "-01")
+        except ValueError:
+            raise _fail(f"--month must be YYYY-MM, e.g. 2026-10 (got {month!r})") from None
+
+    def progress(m: date, done: int, total: int) -> None:
+        console.print(f"{m:%Y-%m}: {done}/{total} rows exported", highlight=False)
+
+    async def go() -> list[Any]:
+        pool = await open_pool(settings.database_url.get_secret_value(), size=2)
+        try:
+            _, signer = build_keys(settings)
+            exporter = await build_exporter(settings, pool, signer, detach=detach,
+                                            progress=progress)
+            if exporter is None:
+                raise _fail("no archive: set AUDIT_ARCHIVE_URL (s3://bucket/prefix or a "
+                            "directory) or AUDIT_ARCHIVE_BUCKET")
+            return await exporter.run(only=only)
+        finally:
+            await pool.close()
+
+    try:
+        results = asyncio.run(go())
+    except (BundleError, ExportRefusedError, ObjectStoreError) as exc:
+        if output is Output.json:
+            _emit(output, {"ok": False, "error": str(exc)})
+        raise _fail(str(exc), 1) from None
+    if output is Output.json:
+        _emit(output, {"ok": True, "months": [r.as_dict() for r in results]})
+    else:
+        table = Table("month", "status", "indices", "rows", "bytes", "rows/s", "detail")
+        for r in results:
+            table.add_row(r.month, r.status, f"{r.first_index}..{r.end_index}", str(r.rows),
+                          str(r.bytes), f"{r.rate:,.0f}", r.detail or "-")
+        console.print(table if results else "nothing to export: no closed month is due")
 
 
 # --------------------------------------------------------------------------- dead letters

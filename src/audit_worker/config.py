@@ -70,6 +70,10 @@ class WorkerSettings(BaseSettings):
     aws_region: str = "us-east-1"
     aws_endpoint_url: str | None = None
     data_key_rotate_seconds: float = Field(default=3600.0, gt=0)
+    # Public keys, each with a validity window, that signed this log's heads before a
+    # signing-key rotation (format: audit_worker.crypto.trusted_keys). A worker resumes
+    # only from a head signed by its own key or by one of these within its window.
+    trusted_keys_file: Path | None = None
 
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (logged)
@@ -81,11 +85,29 @@ class WorkerSettings(BaseSettings):
 
     # Production operation (see README "Running the worker in production").
     archive_bucket: str | None = None  # S3 bucket checked by /healthz/external when set
+    # Evidence outside the database: signed heads are witnessed and closed months archived
+    # here (s3://bucket/prefix, or a directory for dev and tests). Unset with archive_bucket
+    # set: s3://<archive_bucket>/. Unset with neither: no witness (the worker warns).
+    archive_url: str | None = None
+    # A head is witnessed at least this often while the log grows.
+    witness_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # A monthly partition is exported to the archive this long after its month ended
+    # (rows sequenced just before midnight commit a little later; clocks differ).
+    archive_grace_seconds: float = Field(default=86_400.0, ge=0, le=31 * 86_400)
+    # Whether a month exported and verified in the archive then leaves the hot database
+    # (partition detached and dropped), so hot storage stays bounded.
+    archive_detach_verified_months: bool = False
     database_pool_size: int = Field(default=6, ge=2, le=64)
     database_command_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Longest wait for a pooled connection: a full pool fails (and is retried) rather
     # than leaving a batch, a request or a loop waiting forever.
     database_acquire_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # Server-side bounds of every worker session (statement_timeout and
+    # idle_in_transaction_session_timeout), set by the pool: a session whose client hangs
+    # or vanishes mid-transaction cannot hold the sequencer's lock or a snapshot for long.
+    # The statement bound is a backstop behind the command timeout, so never below it.
+    database_statement_timeout_seconds: float = Field(default=120.0, ge=1, le=3600)
+    database_idle_in_transaction_timeout_seconds: float = Field(default=30.0, ge=1, le=3600)
     # Blue-green: poll interval of an idle worker; whether a worker may create the control
     # key (naming its own slot, epoch 1) when it does not exist yet.
     slot_poll_seconds: float = Field(default=0.1, gt=0, le=10)
@@ -150,11 +172,45 @@ class WorkerSettings(BaseSettings):
                 )
         return value
 
-    @field_validator("archive_bucket", "kms_data_key_id", "kms_signing_key_id", mode="before")
+    @field_validator(
+        "archive_bucket", "archive_url", "kms_data_key_id", "kms_signing_key_id", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # The Helm chart always sets these variables, empty when not used.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith(("s3://", "file://")):
+            raise ValueError("must be s3://bucket/prefix, file:///path or a directory path")
+        if value is not None and value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("an s3:// URL needs a bucket name (s3://bucket/prefix)")
+        return value
+
+    @property
+    def evidence_url(self) -> str | None:
+        """Where heads are witnessed and months archived, or None when nowhere."""
+        if self.archive_url is not None:
+            return self.archive_url
+        return f"s3://{self.archive_bucket}/" if self.archive_bucket else None
+
+    @field_validator("trusted_keys_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        # The Helm chart always sets the variable, empty when not used.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trusted_keys_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(
+                f"{value} is not a file: mount the trusted-keys file there, or unset the "
+                "setting when the signing key was never rotated"
+            )
+        return value
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> WorkerSettings:
@@ -162,6 +218,20 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"intake_port and http_port are both {self.http_port}: the intake needs a "
                 f"port of its own (set {PREFIX}INTAKE_PORT, or 0 for any free one)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _statement_timeout_outlasts_the_command_timeout(self) -> WorkerSettings:
+        statement = self.database_statement_timeout_seconds
+        command = self.database_command_timeout_seconds
+        if statement < command:
+            raise ValueError(
+                f"database_statement_timeout_seconds ({statement:g}) is below "
+                f"database_command_timeout_seconds ({command:g}): the server would cancel "
+                "statements the worker still waits for; raise "
+                f"{PREFIX}DATABASE_STATEMENT_TIMEOUT_SECONDS or lower "
+                f"{PREFIX}DATABASE_COMMAND_TIMEOUT_SECONDS"
             )
         return self
 

@@ -8,7 +8,10 @@
     │   └── KeyServiceUnavailable
     ├── MigrationError            schema not at the expected version, or a checksum changed
     └── IntegrityError            the log is not what it must be; stop writing and alert
-        └── SequenceError         indices are not gapless where the sequencer expected them
+        ├── SequenceError         indices are not gapless where the sequencer expected them
+        ├── UntrustedHeadError    the tree head a worker would resume from fails a check
+        ├── AdoptedRowError       a row another writer stored does not hash to its leaf
+        └── DeadLetterChainError  a dead letter's chain index or chain hash is wrong
 
 Validation failures of single events are not exceptions: they are `Rejection` values
 (see `events.py`) that go to the dead-letter store while the worker keeps going.
@@ -56,3 +59,24 @@ class IntegrityError(AuditError):
 
 class SequenceError(IntegrityError):
     """The sequencer found a gap or a duplicate where it expected the next index."""
+
+
+class UntrustedHeadError(IntegrityError):
+    """The newest tree head (signature, log id, stored frontier or the rows it covers)
+    fails a check, so the worker will not resume from it."""
+
+
+class AdoptedRowError(IntegrityError):
+    """A row the worker did not write itself (another worker's, or a planted one) does
+    not hash to its stored leaf hash, or its leaf names another index."""
+
+
+class DeadLetterChainError(IntegrityError):
+    """The hash chain over audit.dead_letters is broken: a row was changed, removed or
+    renumbered. `index` is the chain index where the check failed; `check` names it
+    (``index``, ``hash`` or ``start``)."""
+
+    def __init__(self, message: str, *, index: int, check: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.check = check

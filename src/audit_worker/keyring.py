@@ -12,7 +12,10 @@ from audit_worker.crypto import (
     LocalKeyWrapper,
     LocalSigner,
     TreeHeadSigner,
+    TrustedKeys,
+    TrustedKeysError,
 )
+from audit_worker.errors import ConfigurationError
 
 
 def kms_client(settings: WorkerSettings) -> Any:
@@ -43,3 +46,18 @@ def build_keys(
         LocalKeyWrapper(key_dir / "master.key", create=create),
         LocalSigner(key_dir / "signing.pem", create=create),
     )
+
+
+def trusted_keys(settings: WorkerSettings, own_public_pem: bytes) -> TrustedKeys:
+    """The keys whose tree heads the worker resumes from: its own signing key for all
+    time (tried first), then those of ``trusted_keys_file`` within their windows."""
+    keys = TrustedKeys.from_pems([own_public_pem]).keys
+    if settings.trusted_keys_file is not None:
+        try:
+            keys += TrustedKeys.load(settings.trusted_keys_file).keys
+        except TrustedKeysError as exc:
+            raise ConfigurationError(
+                f"AUDIT_TRUSTED_KEYS_FILE: {exc}: fix the file, or unset the setting when "
+                "the signing key was never rotated"
+            ) from None
+    return TrustedKeys(keys)

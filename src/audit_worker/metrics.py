@@ -211,6 +211,60 @@ class Metrics:
             registry=r,
         )
 
+        self.database_tree_head_size = Gauge(
+            "audit_database_tree_head_size",
+            "Size of the newest signed tree head in the database, as last read (not the "
+            "largest ever seen: a rollback shows).",
+            registry=r,
+        )
+        self.witnessed_tree_size = Gauge(
+            "audit_witnessed_tree_size",
+            "Size of the newest checkpoint in the witness (evidence store) that verifies "
+            "(NaN before the first read or without a witness).",
+            registry=r,
+        )
+        self.witnessed_tree_size.set(math.nan)
+        self.witness_published = Counter(
+            "audit_witness_published_total",
+            "Signed checkpoints this worker published to the witness.",
+            registry=r,
+        )
+        self.witness_failures = Counter(
+            "audit_witness_failures_total",
+            "Attempts to publish a checkpoint that failed (retried the next interval).",
+            registry=r,
+        )
+        self.witness_last_published = Gauge(
+            "audit_witness_last_published_timestamp_seconds",
+            "Unix time of this worker's last checkpoint publication (0 before the first).",
+            registry=r,
+        )
+        self.witness_refused = Gauge(
+            "audit_witness_refused_checkpoints",
+            "Checkpoints above the newest valid one in the witness that do not verify "
+            "(forged, or signed by an untrusted key), at the last read.",
+            registry=r,
+        )
+        # The six-year archive (audit_worker.archive): months exported, verified, detached.
+        self.archive_months = Counter(
+            "audit_archive_months_total",
+            "Closed months the archive exporter handled, by outcome: exported (and verified "
+            "in the archive) or detached (left the hot database).",
+            ["outcome"],
+            registry=r,
+        )
+        self.archive_failures = Counter(
+            "audit_archive_export_failures_total",
+            "Archive export rounds that failed, by reason: refused (the month is not one "
+            "index range, or the archive holds other content), not_verified (the uploaded "
+            "copy or the previous month did not verify), unavailable (S3 or PostgreSQL).",
+            ["reason"],
+            registry=r,
+        )
+        for outcome in ("exported", "detached"):
+            self.archive_months.labels(outcome)
+        for reason in ("refused", "not_verified", "unavailable"):
+            self.archive_failures.labels(reason)
         self._head_timestamp: float | None = None
         self._tree_size = 0
         self.tree_head_age.set_function(self._head_age)

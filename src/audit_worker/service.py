@@ -53,15 +53,17 @@ from audit_worker.crypto import (
     KeyWrapper,
     Pseudonymiser,
     SignatureError,
+    TrustedKeys,
 )
 from audit_worker.db.migrate import require_current
 from audit_worker.db.spool import IntakeSpool, SpoolOpener
-from audit_worker.db.store import LogStore
+from audit_worker.db.store import LogStore, verify_dead_letter_chain
 from audit_worker.errors import DependencyError, IntegrityError, MigrationError
 from audit_worker.health import HealthChecks, ServiceStatus
 from audit_worker.intake import StreamEntry, StreamIntake
-from audit_worker.keyring import build_keys
+from audit_worker.keyring import build_keys, trusted_keys
 from audit_worker.metrics import Metrics
+from audit_worker.objectstore import evidence_store
 from audit_worker.records import RecordBuilder
 from audit_worker.resilience import (
     DEPENDENCIES,
@@ -78,6 +80,7 @@ from audit_worker.resilience import (
     sqlstate,
 )
 from audit_worker.slots import UNGATED, SlotDecision, SlotGate
+from audit_worker.witness import DeadLetterChainTracker, WitnessLog, WitnessPublisher
 from audit_worker.worker import BatchResult, CommittedBatch, Triaged, Worker
 
 if TYPE_CHECKING:
@@ -94,13 +97,29 @@ T = TypeVar("T")
 
 
 async def open_pool(
-    database_url: str, *, size: int = 4, command_timeout: float | None = None
+    database_url: str,
+    *,
+    size: int = 4,
+    command_timeout: float | None = None,
+    server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        database_url, min_size=1, max_size=size, command_timeout=command_timeout
+        database_url, min_size=1, max_size=size, command_timeout=command_timeout,
+        server_settings=server_settings,
     )
     assert pool is not None
     return pool
+
+
+def session_timeouts(settings: WorkerSettings) -> dict[str, str]:
+    """The server-side bounds of a worker session, in milliseconds. Sent at connection
+    start, they take precedence over the login's own ``ALTER ROLE ... SET`` defaults."""
+    return {
+        "statement_timeout": str(round(settings.database_statement_timeout_seconds * 1000)),
+        "idle_in_transaction_session_timeout": str(
+            round(settings.database_idle_in_transaction_timeout_seconds * 1000)
+        ),
+    }
 
 
 def redis_client(url: str, *, socket_timeout: float = 5.0) -> Redis:
@@ -142,6 +161,7 @@ async def assemble(
         settings.database_url.get_secret_value(),
         size=settings.database_pool_size,
         command_timeout=settings.database_command_timeout_seconds,
+        server_settings=session_timeouts(settings),
     )
     # The socket timeout must outlast a blocking XREADGROUP.
     redis = redis_client(
@@ -167,6 +187,10 @@ async def assemble(
             claim_idle_ms=settings.claim_idle_ms,
         )
         await intake.ensure_group()
+        # GetPublicKey for KMS: the key the resumed head must verify with (or a rotated-out
+        # one from the trusted-keys file), and the one every signature is checked with.
+        public_pem = await asyncio.to_thread(signer.public_key_pem)
+        trusted = trusted_keys(settings, public_pem)
         worker = Worker(
             store=store,
             intake=intake,
@@ -176,9 +200,10 @@ async def assemble(
                 wrapper, rotate_after_seconds=settings.data_key_rotate_seconds
             ),
             signer=signer,
-            frontier=await store.load_frontier(),
+            frontier=await store.load_frontier(trusted),
             max_deliveries=settings.max_deliveries,
             max_future_skew=settings.max_future_skew_seconds,
+            public_key_pem=public_pem,
         )
         yield Assembly(worker, pool, redis)
     finally:
@@ -251,6 +276,10 @@ class Service:
         # until `_spool_stuck_until`, when they are tried again.
         self._spool_stuck: set[int] = set()
         self._spool_stuck_until = 0.0
+        # The newest head this worker signed (size, root, timestamp), for the witness.
+        self._last_signed: tuple[int, bytes, int] | None = None
+        self._witness_read_at = 0.0
+        self._rollback_reported = -1
 
     @property
     def app(self) -> FastAPI:
@@ -421,6 +450,7 @@ class Service:
         self.status.phase = "running" if self._integrity_exc is None else "halted"
         consumer = asyncio.create_task(self._consume(worker, stop), name="audit-consumer")
         signer = asyncio.create_task(self._sign_loop(worker, stop), name="audit-signer")
+        witness = asyncio.create_task(self._witness_loop(worker, stop), name="audit-witness")
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({consumer, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -437,6 +467,8 @@ class Service:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 log.warning(f"{what} abandoned at the grace deadline: its entries stay pending")
+        witness.cancel()
+        await asyncio.gather(witness, return_exceptions=True)
         if consumer.done() and not consumer.cancelled() and consumer.exception() is not None:
             raise consumer.exception()  # type: ignore[misc]  # a bug: surface it
         if self._integrity_exc is None:
@@ -745,6 +777,7 @@ class Service:
 
     # ------------------------------------------------------------------ signer
     def _signed(self, tree_size: int, timestamp_ms: int, root: bytes) -> None:
+        self._last_signed = (tree_size, root, timestamp_ms)
         self.metrics.tree_heads_signed.inc()
         self.metrics.note_tree_head(tree_size, timestamp_ms)
         log.info("tree head signed", tree_size=tree_size, root_hash=root.hex())
@@ -795,6 +828,82 @@ class Service:
                 return
             await self._sign_once(worker)
 
+    # ------------------------------------------------------------------ witness
+    async def _witness_loop(self, worker: Worker, stop: asyncio.Event) -> None:
+        """Publish the newest head this worker signed outside the database, at most once
+        per AUDIT_WITNESS_INTERVAL_SECONDS, and compare the database with the witness."""
+        parts = self.parts
+        store = evidence_store(self.settings)
+        if store is None or parts is None:
+            log.warning(
+                "no evidence store (AUDIT_ARCHIVE_URL or AUDIT_ARCHIVE_BUCKET): tree heads "
+                "are not witnessed, so a rollback of the database could go unnoticed"
+            )
+            return
+        pem = await asyncio.to_thread(worker.signer.public_key_pem)
+        own = TrustedKeys.from_pems([pem]).keys[0]
+        keys = await asyncio.to_thread(trusted_keys, self.settings, pem)
+        log_ = WitnessLog(store, self.settings.log_id, keys)
+        chain = DeadLetterChainTracker(
+            parts.pool, self.settings.database_acquire_timeout_seconds, verify_dead_letter_chain
+        )
+        publisher = WitnessPublisher(
+            log_, worker.signer, own, chain.head,
+            interval_seconds=self.settings.witness_interval_seconds,
+        )
+        log.info("witnessing tree heads", url=log_.url,
+                 interval_s=self.settings.witness_interval_seconds)
+        while not stop.is_set():
+            await self._witness_once(worker, publisher)
+            await sleep_or_stop(stop, min(1.0, self.settings.witness_interval_seconds))
+
+    async def _witness_once(self, worker: Worker, publisher: WitnessPublisher) -> None:
+        now = time.time()
+        head = self._last_signed
+        if self._integrity_exc is not None:
+            return  # a halted writer vouches for nothing
+        if head is not None and publisher.due(head[0], now):
+            try:
+                fresh = await publisher.publish(*head)
+            except INTEGRITY_FAILURES as exc:
+                self._halt(exc)
+                return
+            except Exception as exc:
+                self.metrics.witness_failures.inc()
+                log.warning("tree head not witnessed; next interval retries",
+                            tree_size=head[0], error=describe_error(exc))
+                publisher.published_at = now  # wait an interval, do not hammer the store
+            else:
+                self.metrics.witness_published.inc()
+                self.metrics.witness_last_published.set(publisher.published_at)
+                log.info("tree head witnessed", tree_size=head[0], new=fresh)
+        if now - self._witness_read_at < self.settings.witness_interval_seconds:
+            return
+        self._witness_read_at = now
+        try:
+            read = await asyncio.to_thread(publisher.log.newest)
+        except Exception as exc:
+            log.warning("witness not read", error=describe_error(exc))
+            return
+        self.metrics.witness_refused.set(len(read.refused))
+        for key, reason in read.refused:
+            log.critical("a checkpoint in the witness does not verify", object=key,
+                         reason=reason, alert="audit_witness_forged")
+        if read.newest is None:
+            return
+        witnessed = read.newest.checkpoint.tree_size
+        self.metrics.witnessed_tree_size.set(witnessed)
+        if witnessed > worker.frontier.size and witnessed != self._rollback_reported:
+            # Not a halt: after a region-down failover DR legitimately holds less than
+            # prod's witness. The operator decides; the alert and the runbook say how.
+            self._rollback_reported = witnessed
+            log.critical(
+                "the database holds fewer log entries than the witness has seen: entries "
+                "were removed, a backup was restored, or DR took over with a loss",
+                tree_size=worker.frontier.size, witnessed_size=witnessed,
+                alert="audit_log_rolled_back",
+            )
+
     # ------------------------------------------------------------------ gauges
     async def refresh_stats(self) -> None:
         """Stream lag and pending, the intake spool's depth, newest signed tree head;
@@ -827,6 +936,8 @@ class Service:
             return
         if row is not None:
             self.metrics.note_tree_head(row["tree_size"], row["timestamp_ms"])
+        # As read, not the largest seen: a database rolled back below its witness shows.
+        self.metrics.database_tree_head_size.set(row["tree_size"] if row is not None else 0)
 
     async def maintain(self) -> None:
         """Keep monthly partitions ahead (a worker may run for months) and trim the
@@ -839,6 +950,9 @@ class Service:
                 await conn.execute("SELECT audit.ensure_partitions(2)", timeout=30)
         except Exception as exc:
             log.warning("partitions not checked", error=describe_error(exc))
+        from audit_worker.archive import maintenance as archive  # closed months -> archive
+
+        await archive.maintain(self.settings, parts.pool, parts.worker.signer, self.metrics)
         retention = self.settings.stream_retention_seconds
         if retention <= 0:
             return

@@ -35,8 +35,8 @@ from audit_worker.objectstore import ObjectExists, ObjectStore
 __all__ = [
     "NEWEST_SCAN",
     "DeadLetterChainTracker",
-    "WitnessPublisher",
     "WitnessLog",
+    "WitnessPublisher",
     "WitnessRead",
     "Witnessed",
     "history_key",

@@ -93,6 +93,7 @@ class Worker:
         frontier: CompactRange,
         max_deliveries: int = 5,
         max_future_skew: float = 300.0,
+        public_key_pem: bytes | None = None,
     ) -> None:
         self.store = store
         self.intake = intake
@@ -106,7 +107,8 @@ class Worker:
         self.stats = WorkerStats()
         self._persisted_keys: set[str] = set()
         self._last_signed_size = -1
-        self._public_pem: bytes | None = None
+        # The key the resumed head was checked with (assemble), else pinned at first signing.
+        self._public_pem: bytes | None = public_key_pem
 
     def _dead_letter(self, entry: StreamEntry, rejection: Rejection, key: DataKey) -> DeadLetter:
         sealed = None

@@ -63,6 +63,7 @@ WORKER_ENV = {
     "AUDIT_KMS_SIGNING_KEY_ID",
     "AUDIT_AWS_REGION",
     "AUDIT_ARCHIVE_BUCKET",
+    "AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS",
     "AUDIT_LOG_FORMAT",
     "AUDIT_SHUTDOWN_GRACE_SECONDS",
     "AUDIT_DATABASE_URL",
@@ -1113,3 +1114,13 @@ def test_every_variable_the_chart_sets_is_reserved_from_extra_env() -> None:
 def test_template_refuses_a_bad_extra_env_name_without_the_schema() -> None:
     err = render_error("dev", "--skip-schema-validation", "--set", "extraEnv.audit_x=1")
     assert "extraEnv.audit_x" in err and "AUDIT_[A-Z_]+" in err
+
+
+def test_detaching_verified_months_reaches_the_worker_as_its_setting() -> None:
+    _, docs = render("prod", "--set", "aws.archiveDetachVerifiedMonths=true")
+    for slot in SLOTS:
+        env_vars = env_map(container(deployment(docs, slot)))
+        assert env_vars["AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS"] == "true"
+    _, default = render("prod")
+    assert env_map(container(deployment(default, "blue")))[
+        "AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS"] == "false"

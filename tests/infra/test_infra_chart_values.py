@@ -294,3 +294,15 @@ def test_prods_release_runs_migrations_as_the_owner_and_workers_as_the_writer(
         assert database_url(pod) == {"name": CONNECTIONS_SECRET, "key": "database-url"}
         names = {e["name"] for e in pod["containers"][0]["env"]}
         assert "AUDIT_INTAKE_TOKENS" not in names  # the intake stays off in the cloud
+
+
+def test_archive_detach_setting_reaches_the_chart_values() -> None:
+    prod = load_environment("prod")
+    assert values_for("prod")["aws"]["archiveDetachVerifiedMonths"] is False
+    assert prod.archive is not None
+    detaching = prod.model_copy(update={
+        "archive": prod.archive.model_copy(update={"detach_verified_months": True})})
+    values = chart_values(detaching, active_slot="blue", blue_image="1.4.2",
+                          green_image="1.4.1", bindings=BINDINGS)
+    assert values["aws"]["archiveDetachVerifiedMonths"] is True
+    jsonschema.validate(merged(values), SCHEMA)

@@ -170,6 +170,44 @@ def test_plaintext_transport_fails(type_: str, props: dict[str, Any], reason: st
     assert violations and reason in " ".join(violations)
 
 
+# --- database-audit-logging ------------------------------------------------------------------
+
+
+def _postgres_group(**parameters: str) -> dict[str, Any]:
+    values = {"shared_preload_libraries": "pgaudit,pg_stat_statements",
+              "pgaudit.log": "ddl,role,write,misc_set", "pgaudit.log_parameter": "0",
+              **parameters}
+    return {"family": "postgres16", "parameters": [
+        {"name": name, "value": value} for name, value in values.items()]}
+
+
+@pytest.mark.parametrize("logged", ["ddl,role,write,misc_set", "DDL, ROLE, WRITE, MISC",
+                                    "all", "all,-read,-function"])
+def test_database_audit_logging_passes_pgaudit_recording_the_ways_past_the_triggers(
+        logged: str) -> None:
+    assert not check(hipaa.database_audit_logging, hipaa.RDS_PARAMETER_GROUP,
+                     _postgres_group(**{"pgaudit.log": logged}))
+
+
+@pytest.mark.parametrize(("parameters", "reason"), [
+    ({"shared_preload_libraries": "pg_stat_statements"}, "must include pgaudit"),
+    ({"pgaudit.log": "ddl,role"}, "must record write, misc_set (it is 'ddl,role'"),
+    ({"pgaudit.log": "all,-write"}, "must record write"),
+    ({"pgaudit.log": "ddl,role,write,misc,-misc"}, "must record misc_set"),
+    ({"pgaudit.log_parameter": "1"}, "pgaudit.log_parameter must be 0"),
+])
+def test_database_audit_logging_fails_a_group_that_would_miss_an_insider(
+        parameters: dict[str, str], reason: str) -> None:
+    violations = check(hipaa.database_audit_logging, hipaa.RDS_PARAMETER_GROUP,
+                       _postgres_group(**parameters))
+    assert violations and reason in " ".join(violations)
+
+
+def test_database_audit_logging_ignores_other_engines() -> None:
+    assert not check(hipaa.database_audit_logging, hipaa.RDS_PARAMETER_GROUP,
+                     {"family": "mysql8.0", "parameters": []})
+
+
 # --- backup-retention ------------------------------------------------------------------------
 
 
@@ -295,7 +333,7 @@ def test_no_plaintext_secret_outputs() -> None:
 
 def test_policies_are_plain_objects_with_unique_names() -> None:
     names = [p.name for p in hipaa.POLICIES]
-    assert len(names) == len(set(names)) == 10
+    assert len(names) == len(set(names)) == 11
     assert all(p.description for p in hipaa.POLICIES)
 
 

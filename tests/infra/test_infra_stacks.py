@@ -142,7 +142,9 @@ def test_parameter_group_forces_tls_and_loads_pgaudit(stack: str) -> None:
     params = {p["name"]: p["value"] for p in group["inputs"]["parameters"]}
     assert params["rds.force_ssl"] == "1"
     assert "pgaudit" in params["shared_preload_libraries"].split(",")
-    assert params["pgaudit.log"] == "ddl,role"
+    # DDL (DISABLE TRIGGER, DETACH, DROP), grants, writes (TRUNCATE) and SET
+    # (session_replication_role): everything that gets past the append-only triggers.
+    assert params["pgaudit.log"] == "ddl,role,write,misc_set"
     assert params["pgaudit.log_parameter"] == "0"  # never statement parameters (PHI) in logs
     assert one(stack, DB)["inputs"]["parameterGroupName"] == group["outputs"]["name"]
 
@@ -352,7 +354,8 @@ def test_release_values_bind_the_worker_to_this_stack(stack: str) -> None:
     assert values["keys"] == {"backend": "kms", "kmsDataKeyId": key_arn(stack, "data"),
                               "kmsSigningKeyId": key_arn(stack, "signing")}
     assert values["aws"] == {"region": summary(stack)["config"]["aws:region"],
-                             "archiveBucket": output(stack, "archiveBucketName")}
+                             "archiveBucket": output(stack, "archiveBucketName"),
+                             "archiveDetachVerifiedMonths": False}
     secret = one(stack, "kubernetes:core/v1:Secret")
     assert values["secrets"]["existingSecret"] == secret["inputs"]["metadata"]["name"]
     assert values["activeSlot"] == output(stack, "activeSlot")

@@ -66,5 +66,5 @@ def test_keys_lists_under_the_prefix_in_order(locked_bucket: tuple[Any, str]) ->
 
 def test_missing_bucket_error_says_what_to_do(aws_kwargs: dict[str, str]) -> None:
     store = S3Store("no-such-bucket-here", "", boto3.client("s3", **aws_kwargs))
-    with pytest.raises(ObjectStoreError, match="NoSuchBucket.*create the archive bucket"):
+    with pytest.raises(ObjectStoreError, match=r"NoSuchBucket.*create the archive bucket"):
         store.put("x", b"")

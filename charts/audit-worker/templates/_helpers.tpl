@@ -192,6 +192,8 @@ rendered. extraEnv comes last; _validate.tpl refuses any name set here.
   value: {{ .Values.aws.region | quote }}
 - name: AUDIT_ARCHIVE_BUCKET
   value: {{ .Values.aws.archiveBucket | quote }}
+- name: AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS
+  value: {{ .Values.aws.archiveDetachVerifiedMonths | toString | quote }}
 - name: AUDIT_LOG_FORMAT
   value: "json"
 - name: AUDIT_REDIS_URL
@@ -268,6 +270,7 @@ AUDIT_KMS_DATA_KEY_ID: "set keys.kmsDataKeyId instead"
 AUDIT_KMS_SIGNING_KEY_ID: "set keys.kmsSigningKeyId instead"
 AUDIT_AWS_REGION: "set aws.region instead"
 AUDIT_ARCHIVE_BUCKET: "set aws.archiveBucket instead"
+AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS: "set aws.archiveDetachVerifiedMonths instead"
 AUDIT_LOG_FORMAT: "the chart always logs json"
 AUDIT_CONSUMER_NAME: "each pod must be its own Redis consumer; the worker uses the pod's host name"
 AUDIT_DATABASE_URL: "it is secret: put it in the Secret (secrets.databaseUrlKey, secrets.migrationDatabaseUrlKey)"

@@ -8,19 +8,34 @@ writing at once therefore build one tree, and a replayed event never gets a seco
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from audit_worker.crypto import DataKey
-from audit_worker.errors import ConfigurationError, SequenceError
+from audit_worker.crypto import DataKey, TreeHead, TrustedKeys
+from audit_worker.deadletter_chain import (
+    GENESIS,
+    ChainChecker,
+    ChainedDeadLetter,
+    DeadLetterEvidence,
+    next_hash,
+)
+from audit_worker.errors import (
+    AdoptedRowError,
+    ConfigurationError,
+    DeadLetterChainError,
+    SequenceError,
+    UntrustedHeadError,
+)
 from audit_worker.events import Rejection
-from audit_worker.merkle import HASH_SIZE, CompactRange
+from audit_worker.merkle import HASH_SIZE, CompactRange, hash_leaf, root_from_leaf_hashes
 from audit_worker.records import PreparedEvent, SequencedEvent, iso_ms, sequence
 
 EVENT_COLUMNS = (
@@ -96,6 +111,32 @@ def _unpack_frontier(size: int, packed: bytes) -> CompactRange:
     return CompactRange.from_state(size, hashes)
 
 
+_STOP = "stop the writers and run `audit-worker verify`"
+# At resume, the rows of the head's rightmost subtree are rehashed against its frontier
+# when the subtree is at most this wide (most sizes); wider ones check row tree_size-1 only.
+HEAD_SUBTREE_CHECK = 1024
+
+
+def adopted_leaf_hash(index: int, leaf_data: bytes, leaf_hash: bytes) -> bytes:
+    """The leaf hash of a row this process did not write, recomputed from its data.
+
+    Requires nothing of the row; raises `AdoptedRowError` when the data was written for
+    another index or does not hash to the stored leaf hash. The messages name the index
+    and the check only, never the row's content."""
+    if not leaf_data.startswith(b'{"log_index":%d,' % index):
+        raise AdoptedRowError(
+            f"row {index}: its leaf data was written for another log index (moved or "
+            f"planted row); the worker will not adopt it: {_STOP}"
+        )
+    computed = hash_leaf(leaf_data)
+    if computed != leaf_hash:
+        raise AdoptedRowError(
+            f"row {index}: its leaf data does not hash to its stored leaf hash (changed or "
+            f"planted row); the worker will not adopt it: {_STOP}"
+        )
+    return computed
+
+
 # Default longest wait for a pooled connection (the worker passes
 # AUDIT_DATABASE_ACQUIRE_TIMEOUT_SECONDS): a TimeoutError is retried like any PostgreSQL
 # outage, where an unbounded wait would wedge the batch in hand.
@@ -153,8 +194,11 @@ class LogStore:
     async def _catch_up(
         self, conn: PoolConnectionProxy[asyncpg.Record], frontier: CompactRange
     ) -> None:
+        # Every row found here was written by someone else (another worker, an older
+        # release, an intruder): it is rehashed before the tree grows over it. Usually
+        # there is none, and then reading leaf_data too costs nothing.
         rows = await conn.fetch(
-            "SELECT log_index, leaf_hash FROM audit.events WHERE log_index >= $1 "
+            "SELECT log_index, leaf_data, leaf_hash FROM audit.events WHERE log_index >= $1 "
             "ORDER BY log_index",
             frontier.size,
         )
@@ -164,7 +208,9 @@ class LogStore:
                     f"log index {row['log_index']} found where {frontier.size} was expected; "
                     "stop the writers and run `audit-worker verify`"
                 )
-            frontier.append(bytes(row["leaf_hash"]))
+            frontier.append(
+                adopted_leaf_hash(frontier.size, row["leaf_data"], row["leaf_hash"])
+            )
 
     async def catch_up(self, frontier: CompactRange) -> CompactRange:
         """A copy of `frontier` extended with the rows committed since (by any worker)."""
@@ -173,19 +219,104 @@ class LogStore:
             await self._catch_up(conn, fresh)
         return fresh
 
-    async def load_frontier(self) -> CompactRange:
-        """Resume from the newest tree head's compact range, then catch up with the rows."""
+    async def load_frontier(self, trusted: TrustedKeys) -> CompactRange:
+        """Resume from the newest tree head's compact range, then catch up with the rows.
+
+        Nothing read back is trusted: the head must be signed by a key of `trusted` whose
+        window covers its timestamp, name the pinned log, and store a frontier whose root
+        is the signed root over rows that exist; each row after it is rehashed (see
+        `_catch_up`). Without a head, the range is rebuilt from every row, rehashed.
+        Raises `UntrustedHeadError`, `AdoptedRowError` or `SequenceError`."""
+        await self.lock_key()  # pins the log id that the head must name
         async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
             row = await conn.fetchrow(
-                "SELECT tree_size, frontier FROM audit.tree_heads ORDER BY tree_size DESC LIMIT 1"
+                "SELECT tree_size, root_hash, timestamp_ms, log_id, signature, frontier"
+                " FROM audit.tree_heads ORDER BY tree_size DESC LIMIT 1"
             )
-            frontier = (
-                _unpack_frontier(row["tree_size"], bytes(row["frontier"]))
-                if row
-                else CompactRange()
-            )
+            frontier = CompactRange()
+            if row is not None:
+                frontier = self._trusted_frontier(row, trusted)
+                await self._check_head_rows(conn, frontier)
             await self._catch_up(conn, frontier)
             return frontier
+
+    def _trusted_frontier(self, row: asyncpg.Record, trusted: TrustedKeys) -> CompactRange:
+        """The stored frontier of a head, once the head and the frontier check out."""
+        size = row["tree_size"]
+
+        def untrusted(check: str) -> UntrustedHeadError:
+            return UntrustedHeadError(
+                f"the newest tree head (size {size}) {check}; the worker will not resume "
+                f"from it: {_STOP}"
+            )
+
+        # The head's own log id is not quoted: it is data an intruder may have written.
+        if row["log_id"] != self.log_id:
+            raise untrusted(f"names another log than the pinned log {self.log_id!r}")
+        try:
+            head = TreeHead(self.log_id, size, bytes(row["root_hash"]), row["timestamp_ms"])
+        except (TypeError, ValueError):
+            raise untrusted("is malformed (root hash or timestamp)") from None
+        verdict = trusted.check_head(head, bytes(row["signature"]))
+        if verdict == "bad_signature":
+            raise untrusted(
+                "is not signed by the worker's signing key nor by any key of "
+                "AUDIT_TRUSTED_KEYS_FILE"
+            )
+        if verdict == "outside_window":
+            raise untrusted(
+                "is signed by a key of AUDIT_TRUSTED_KEYS_FILE whose window does not cover "
+                "the head's timestamp"
+            )
+        packed = bytes(row["frontier"])
+        want = size.bit_count()
+        if len(packed) != want * HASH_SIZE:
+            raise untrusted(
+                f"stores a frontier of {len(packed)} bytes, want {want * HASH_SIZE} "
+                f"({want} hashes for its size)"
+            )
+        frontier = _unpack_frontier(size, packed)
+        if frontier.root() != head.root_hash:
+            raise untrusted("stores a frontier whose root is not the signed root hash")
+        return frontier
+
+    async def _check_head_rows(
+        self, conn: PoolConnectionProxy[asyncpg.Record], frontier: CompactRange
+    ) -> None:
+        """Row tree_size-1 exists and hashes to its leaf; when the head's rightmost
+        subtree is narrow, its rows rehash to the frontier's last hash (the signed root
+        then covers rows that are really there)."""
+        size = frontier.size
+        if size == 0:
+            return
+        width = size & -size  # the rightmost perfect subtree covers [size - width, size)
+        low = size - width if width <= HEAD_SUBTREE_CHECK else size - 1
+        rows = await conn.fetch(
+            "SELECT log_index, leaf_data, leaf_hash FROM audit.events"
+            " WHERE log_index >= $1 AND log_index < $2 ORDER BY log_index",
+            low,
+            size,
+        )
+        indices = [r["log_index"] for r in rows]
+        if indices != list(range(low, size)):
+            # the first index not where it should be; past the rows read, the next one
+            wrong = next(
+                (want for want, got in zip(range(low, size), indices, strict=False)
+                 if want != got),
+                min(low + len(indices), size - 1),
+            )
+            raise UntrustedHeadError(
+                f"the newest tree head (size {size}) covers row {wrong}, which is missing "
+                f"or stored twice; the worker will not resume from it: {_STOP}"
+            )
+        leaves = [
+            adopted_leaf_hash(r["log_index"], r["leaf_data"], r["leaf_hash"]) for r in rows
+        ]
+        if low == size - width and root_from_leaf_hashes(leaves) != frontier.hashes[-1]:
+            raise UntrustedHeadError(
+                f"the newest tree head (size {size}): rows {low}..{size - 1} do not hash to "
+                f"its stored frontier; the worker will not resume from it: {_STOP}"
+            )
 
     async def append(
         self,
@@ -243,26 +374,8 @@ class LogStore:
                 key.wrapped,
                 key.wrapper_ref,
             )
-        if dead_letters:
-            await conn.executemany(
-                "INSERT INTO audit.dead_letters (stream_entry_id, field, value_class, rule,"
-                " message, delivery_count, payload_sealed, data_key_id)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                " ON CONFLICT (stream_entry_id) DO NOTHING",
-                [
-                    (
-                        d.stream_entry_id,
-                        d.rejection.field,
-                        d.rejection.value_class,
-                        d.rejection.rule,
-                        d.rejection.message,
-                        d.delivery_count,
-                        d.payload_sealed,
-                        d.data_key_id,
-                    )
-                    for d in dead_letters
-                ],
-            )
+        if dead_letters:  # a batch without dead letters pays nothing for the chain
+            await _insert_chained(conn, dead_letters)
 
     async def _sequence(
         self,
@@ -287,7 +400,7 @@ class LogStore:
         stored: list[SequencedEvent] = []
         duplicates: list[uuid.UUID] = []
         conflicts: list[uuid.UUID] = []
-        recorded = now_ms()
+        recorded = await self._monotonic_now(conn, work.size)
         recorded_iso = iso_ms(recorded).encode()
         for event in events:
             if event.event_id in known:
@@ -332,6 +445,22 @@ class LogStore:
                 ],
             )
         return stored, duplicates, conflicts
+
+    async def _monotonic_now(
+        self, conn: PoolConnectionProxy[asyncpg.Record], size: int
+    ) -> datetime:
+        """Now, or the last row's `recorded` if a worker whose clock is ahead wrote it: under
+        the lock, `recorded` never goes backwards with log_index, so each monthly partition
+        holds one contiguous index range (what the archive's month bundles need)."""
+        moment = now_ms()
+        if size == 0:
+            return moment
+        last: datetime | None = await conn.fetchval(
+            "SELECT max(recorded) FROM audit.events WHERE log_index = $1", size - 1
+        )
+        if last is None:
+            return moment
+        return max(moment, last.replace(microsecond=last.microsecond // 1000 * 1000))
 
     async def insert_tree_head(self, head: StoredTreeHead, frontier: CompactRange) -> bool:
         """Store a signed tree head; False when one for this size already exists."""
@@ -416,3 +545,155 @@ class LogStore:
                 purpose,
             )
         return bytes(row["wrapped"]) if row else None
+
+
+# --------------------------------------------------------------------- dead-letter chain
+#
+# The API the witness publisher calls (with any asyncpg connection, pooled or not):
+#
+#   await dead_letter_chain_head(conn) -> (count, hash)
+#       the chain as stored: how many dead letters are chained and the chain_hash of the
+#       last one (32 zero bytes when there is none). One index lookup.
+#   await verify_dead_letter_chain(conn, start, start_hash) -> (count, hash)
+#       recompute the chain from chain index `start` on, given the hash `start_hash` of
+#       row start-1 (GENESIS for 0), e.g. the (count, hash) witnessed last time; checks
+#       first that row start-1 still holds `start_hash`. Raises DeadLetterChainError
+#       (an IntegrityError) naming the chain index and the check (``start``, ``index`` or
+#       ``hash``) at the first problem; returns the new (count, hash) otherwise.
+#
+# Format: audit_worker.deadletter_chain. Rows without a chain (possible only with the
+# chain trigger of migration 0004 bypassed) are not part of the chain: `verify` reports
+# them as dead_letter_unchained.
+
+DeadLetterConn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
+_CHAIN_PAGE = 10_000
+_LAST_CHAINED = (
+    "SELECT chain_index, chain_hash FROM audit.dead_letters WHERE chain_index IS NOT NULL"
+    " ORDER BY chain_index DESC LIMIT 1"
+)
+_CHAINED_ROWS = (
+    "SELECT id, chain_index, chain_hash, stream_entry_id, received_at, field, value_class,"
+    " rule, message, delivery_count, sha256(payload_sealed) AS payload_sha256, data_key_id"
+    " FROM audit.dead_letters WHERE chain_index >= $1 ORDER BY chain_index LIMIT $2"
+)
+
+
+def _chained(row: asyncpg.Record) -> ChainedDeadLetter:
+    digest = row["payload_sha256"]
+    return ChainedDeadLetter(
+        row["id"],
+        DeadLetterEvidence(
+            row["chain_index"], row["stream_entry_id"], row["received_at"], row["field"],
+            row["value_class"], row["rule"], row["message"], row["delivery_count"],
+            bytes(digest) if digest is not None else None, row["data_key_id"],
+        ),
+        bytes(row["chain_hash"]),
+    )
+
+
+async def chained_dead_letters(
+    conn: DeadLetterConn, start: int = 0
+) -> AsyncIterator[list[ChainedDeadLetter]]:
+    """The chained dead letters from chain index `start` on, in pages, in chain order.
+    The payload is hashed by the server: ciphertexts never cross the wire."""
+    while True:
+        rows = await conn.fetch(_CHAINED_ROWS, start, _CHAIN_PAGE)
+        if not rows:
+            return
+        yield [_chained(r) for r in rows]
+        start = rows[-1]["chain_index"] + 1
+
+
+async def dead_letter_chain_head(conn: DeadLetterConn) -> tuple[int, bytes]:
+    """(number of chained dead letters, chain_hash of the last; GENESIS when none)."""
+    row = await conn.fetchrow(_LAST_CHAINED)
+    if row is None:
+        return 0, GENESIS
+    return row["chain_index"] + 1, bytes(row["chain_hash"])
+
+
+async def verify_dead_letter_chain(
+    conn: DeadLetterConn, start: int, start_hash: bytes
+) -> tuple[int, bytes]:
+    """Recompute the chain from `start`; see the API note above. Runs in one snapshot
+    (its own read-only transaction unless `conn` is already in one)."""
+    if start < 0 or len(start_hash) != HASH_SIZE:
+        raise ValueError("start must be >= 0 and start_hash 32 bytes")
+    if conn.is_in_transaction():
+        return await _verify_chain_from(conn, start, start_hash)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _verify_chain_from(conn, start, start_hash)
+
+
+async def _verify_chain_from(
+    conn: DeadLetterConn, start: int, start_hash: bytes
+) -> tuple[int, bytes]:
+    if start > 0:
+        stored = await conn.fetchval(
+            "SELECT chain_hash FROM audit.dead_letters WHERE chain_index = $1", start - 1
+        )
+        if stored is None or bytes(stored) != start_hash:
+            what = "is missing" if stored is None else "holds another chain hash"
+            raise DeadLetterChainError(
+                f"dead-letter chain index {start - 1} {what} than the one given as the start "
+                "(dead letters deleted from the end, or the chain rewritten): "
+                "stop the writers and run `audit-worker verify`",
+                index=start - 1, check="start",
+            )
+    checker = ChainChecker(expected=start, previous=start_hash)
+    async for page in chained_dead_letters(conn, start):
+        checker.feed(page)
+        if checker.problems:
+            problem = checker.problems[0]
+            raise DeadLetterChainError(
+                f"{problem.message}: stop the writers and run `audit-worker verify`",
+                index=problem.chain_index, check=problem.check,
+            )
+    return checker.expected, checker.previous
+
+
+async def _insert_chained(
+    conn: PoolConnectionProxy[asyncpg.Record], dead_letters: Sequence[DeadLetter]
+) -> None:
+    """Append dead letters to the chain. Called under the sequencer's lock, so the last
+    chained row read here stays the last until commit. Entries already dead-lettered (a
+    redelivery after a crash before XACK) are skipped here rather than by ON CONFLICT,
+    which would leave a gap in the chain."""
+    entry_ids = [d.stream_entry_id for d in dead_letters if d.stream_entry_id is not None]
+    head = await conn.fetchrow(
+        "SELECT (SELECT array_agg(stream_entry_id) FROM audit.dead_letters"
+        "  WHERE stream_entry_id = ANY($1::text[])) AS known, last.chain_index, last.chain_hash"
+        f" FROM (SELECT 1) AS one LEFT JOIN LATERAL ({_LAST_CHAINED}) AS last ON true",
+        entry_ids,
+    )
+    assert head is not None  # one row, always
+    known = set(head["known"] or ())
+    count, previous = (
+        (head["chain_index"] + 1, bytes(head["chain_hash"]))
+        if head["chain_index"] is not None
+        else (0, GENESIS)
+    )
+    received = now_ms()  # set here, not by the column default: the hash covers it
+    records = []
+    for d in dead_letters:
+        if d.stream_entry_id is not None:
+            if d.stream_entry_id in known:
+                continue
+            known.add(d.stream_entry_id)
+        r = d.rejection
+        digest = hashlib.sha256(d.payload_sealed).digest() if d.payload_sealed is not None else None
+        previous = next_hash(
+            previous,
+            DeadLetterEvidence(count, d.stream_entry_id, received, r.field, r.value_class,
+                               r.rule, r.message, d.delivery_count, digest, d.data_key_id),
+        )
+        records.append((d.stream_entry_id, received, r.field, r.value_class, r.rule, r.message,
+                        d.delivery_count, d.payload_sealed, d.data_key_id, count, previous))
+        count += 1
+    if records:
+        await conn.executemany(
+            "INSERT INTO audit.dead_letters (stream_entry_id, received_at, field, value_class,"
+            " rule, message, delivery_count, payload_sealed, data_key_id, chain_index,"
+            " chain_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            records,
+        )

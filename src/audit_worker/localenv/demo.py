@@ -22,9 +22,12 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from audit_worker.crypto import TrustedKeys
 from audit_worker.localenv.platform import STREAM, LocalStack, producing
 from audit_worker.localenv.workload import produce
-from audit_worker.verify import verify_log
+from audit_worker.objectstore import DirectoryStore
+from audit_worker.verify import WitnessedCheckpoint, verify_log
+from audit_worker.witness import WitnessLog
 from auditctl.environments import project_root
 from auditctl.failover import DrillOptions, drill, failback
 from auditctl.gates import Thresholds
@@ -79,11 +82,13 @@ async def _workload(stack: LocalStack, table: Table) -> bool:
             await asyncio.sleep(0.05)
     drained = time.perf_counter() - started
     platform = LocalPlatform(stack)
+    pem = await platform.public_key_pem()
+    with console.status("waiting for the last batch to be signed and witnessed"):
+        witnessed = await _witnessed(stack, pem, platform.log_id, stored)
     conn = await asyncpg.connect(db_url)
-    with console.status("verifying the log"):
-        await asyncio.sleep(1.5)  # the next signed tree head covers the last batch
-        report = await verify_log(conn, await platform.public_key_pem(), log_id=platform.log_id,
-                                  allow_unsigned_tail=True)
+    with console.status("verifying the log against the witness"):
+        report = await verify_log(conn, pem, log_id=platform.log_id, allow_unsigned_tail=True,
+                                  witness=witnessed)
     await conn.close()
     table.add_row("events produced", f"{produced.good:,} valid + {produced.malformed:,} malformed")
     table.add_row("stored / dead-lettered with reason", f"{stored:,} / {dead:,}")
@@ -91,7 +96,27 @@ async def _workload(stack: LocalStack, table: Table) -> bool:
                   f"{produced.total / produced.seconds:,.0f} events/s; {drained:.2f} s")
     table.add_row("verify", f"{'OK' if report.ok else 'FAILED'}: {report.rows:,} rows, "
                   f"{report.valid_tree_heads} signed tree heads, {report.seconds:.2f} s")
+    checkpoint = witnessed.checkpoint
+    table.add_row("witnessed checkpoint (outside the database)",
+                  f"size {checkpoint.tree_size:,}, {checkpoint.dead_letters:,} dead letters, "
+                  f"{witnessed.where}; the database "
+                  + ("agrees" if report.ok else "DISAGREES"))
     return report.ok and stored == produced.good and dead == produced.malformed
+
+
+async def _witnessed(
+    stack: LocalStack, pem: bytes, log_id: str, size: int, timeout: float = 60.0
+) -> WitnessedCheckpoint:
+    """The workers publish a checkpoint every few seconds: wait for one that covers `size`."""
+    log = WitnessLog(DirectoryStore(stack.archive_dir), log_id, TrustedKeys.from_pems([pem]))
+    deadline = time.perf_counter() + timeout
+    while True:
+        newest = (await asyncio.to_thread(log.newest)).newest
+        if newest is not None and newest.checkpoint.tree_size >= size:
+            return WitnessedCheckpoint(newest.checkpoint, f"{log.url}{newest.key}")
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"no checkpoint covering {size} entries within {timeout:g}s")
+        await asyncio.sleep(0.5)
 
 
 async def _release(stack: LocalStack, table: Table) -> bool:

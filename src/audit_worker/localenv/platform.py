@@ -478,6 +478,11 @@ class LocalStack:
         else:
             self.state_file.unlink(missing_ok=True)
 
+    @property
+    def archive_dir(self) -> Path:
+        """The local platform's evidence store: witnessed heads and archived months."""
+        return self.state_dir / "archive"
+
     # ---- workers
     def worker_env(self, site: str, slot: str, image: str) -> dict[str, str]:
         record = self.site(site)
@@ -494,6 +499,10 @@ class LocalStack:
             "AUDIT_HTTP_PORT": str(worker.port),
             "AUDIT_INTAKE_PORT": str(worker.intake_port),
             "AUDIT_LOCAL_KEY_DIR": record.key_dir,
+            # One directory stands for prod's Object Lock bucket and its DR replica
+            # (replication is instant here; S3 Replication Time Control promises 15 min).
+            "AUDIT_ARCHIVE_URL": str(self.archive_dir),
+            "AUDIT_WITNESS_INTERVAL_SECONDS": "2",
             "AUDIT_INTAKE_TOKENS": self.intake_token,
             "AUDIT_BATCH_SIZE": "500",
             "AUDIT_SIGN_INTERVAL_SECONDS": "1",

@@ -88,7 +88,7 @@ async def test_sigterm_finishes_the_batch_in_hand_signs_and_exits_in_time(
         try:
             head = await conn.fetchval("SELECT max(tree_size) FROM audit.tree_heads")
             pem = LocalSigner(tmp_path / "keys" / "signing.pem").public_key_pem()
-            report = await verify_log(conn, pem)
+            report = await verify_log(conn, pem, log_id="audit-log")
         finally:
             await conn.close()
         assert head == stored, "the final tree head covers everything stored"

@@ -104,7 +104,8 @@ async def test_switching_slots_moves_consumption_within_a_second_without_loss(
         from audit_worker.crypto import LocalSigner
 
         report = await verify_log(
-            conn, LocalSigner(settings.local_key_dir / "signing.pem").public_key_pem()
+            conn, LocalSigner(settings.local_key_dir / "signing.pem").public_key_pem(),
+            log_id=settings.log_id,
         )
         assert pem
     finally:

@@ -57,7 +57,9 @@ async def test_two_workers_with_different_settings_race_to_one_exactly_once_log(
         async with a.pool.acquire() as conn:
             shape = await _log_shape(conn)
             keys = await conn.fetchval("SELECT count(*) FROM audit.event_keys")
-            report = await verify_log(conn, a.worker.signer.public_key_pem())
+            report = await verify_log(
+                conn, a.worker.signer.public_key_pem(), log_id=a.worker.store.log_id
+            )
     assert sum(first) + sum(second) == 1500
     assert min(first) > 0, f"both workers should have appended, got {first}"
     assert shape == (1500, 1500, 1500, 1500) and keys == 1500

@@ -31,7 +31,9 @@ async def test_two_workers_writing_at_once_build_one_consistent_tree(
         async with a.pool.acquire() as conn:
             indices = [r[0] for r in await conn.fetch(
                 "SELECT log_index FROM audit.events ORDER BY log_index")]
-            report = await verify_log(conn, a.worker.signer.public_key_pem())
+            report = await verify_log(
+                conn, a.worker.signer.public_key_pem(), log_id=settings.log_id
+            )
     assert indices == list(range(produced.good))
     assert report.ok, report.findings
     assert report.verified_size == produced.good
@@ -54,7 +56,9 @@ async def test_restarted_worker_resumes_from_its_last_tree_head(
         assert await drain(again) == 50
         await again.worker.sign_tree_head()
         async with again.pool.acquire() as conn:
-            report = await verify_log(conn, again.worker.signer.public_key_pem())
+            report = await verify_log(
+                conn, again.worker.signer.public_key_pem(), log_id=settings.log_id
+            )
     assert report.ok and report.verified_size == 350
 
 

@@ -6,8 +6,13 @@ The tamperer is a database superuser: it bypasses the append-only triggers with
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -130,13 +135,16 @@ async def test_forged_row_appended_after_the_last_head_is_detected(log: Assembly
     await _tamper(
         log,
         "INSERT INTO audit.events (log_index, event_id, recorded, occurred, action, outcome,"
-        " patient_hmac, actor_hmac, leaf_data, leaf_hash)"
+        " patient_hmac, actor_hmac, data_key_id, leaf_data, leaf_hash)"
         f" SELECT {EVENTS}, event_id, recorded, occurred, action, outcome, patient_hmac,"
-        f" actor_hmac, '\\x{data.hex()}', '\\x{hash_leaf(data).hex()}'"
+        f" actor_hmac, data_key_id, '\\x{data.hex()}', '\\x{hash_leaf(data).hex()}'"
         " FROM audit.events WHERE log_index = 0",
     )
     report = await _verify(log)
-    assert [(f.kind, f.index) for f in report.findings] == [("unsigned_tail", EVENTS)]
+    # the copy keeps row 0's event id, so it is also that id stored twice
+    assert sorted((f.kind, f.index) for f in report.findings) == [
+        ("duplicate_event_id", 0), ("unsigned_tail", EVENTS),
+    ]
 
 
 async def test_forged_row_inserted_in_the_middle_is_detected(log: Assembly) -> None:
@@ -201,6 +209,8 @@ async def test_verify_cli_exits_nonzero_and_names_the_row(
             "verify",
             "--public-key",
             str(key),
+            "--log-id",
+            log.worker.store.log_id,
             "--database-url",
             fresh_database,
             "--output",
@@ -249,7 +259,9 @@ async def test_chunked_and_parallel_verification_find_the_same_problems(
 async def _verify_with(parts: Assembly, dsn: str, workers: int) -> VerifyReport:
     pem = parts.worker.signer.public_key_pem()
     async with parts.pool.acquire() as conn:
-        return await verify_log(conn, pem, dsn=dsn, workers=workers)
+        return await verify_log(
+            conn, pem, log_id=parts.worker.store.log_id, dsn=dsn, workers=workers
+        )
 
 
 async def test_heads_signed_before_and_after_a_key_rotation_verify_with_both_keys(
@@ -274,8 +286,8 @@ async def test_heads_signed_before_and_after_a_key_rotation_verify_with_both_key
     )
     new_key = rotated.public_key_pem()
     async with log.pool.acquire() as conn:
-        only_old = await verify_log(conn, old_key)
-        both = await verify_log(conn, [old_key, new_key])
+        only_old = await verify_log(conn, old_key, log_id="audit-log")
+        both = await verify_log(conn, [old_key, new_key], log_id="audit-log")
     assert [(f.kind, f.tree_size) for f in only_old.findings] == [
         ("bad_signature", EVENTS + 1), ("unsigned_tail", None),
     ]
@@ -300,3 +312,190 @@ async def test_forged_row_at_a_huge_index_is_found_without_scanning_the_gap(
     found = {(f.kind, f.index) for f in report.findings}
     assert ("deleted_row", EVENTS) in found and ("reordered_row", wild) in found
     assert report.verified_size == EVENTS
+
+
+# ---- what verify trusts today: log id, keys with windows, time, ids, data keys
+
+
+def _cli_verify(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "audit_worker.cli", "verify", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+async def _sign_extra_head(
+    log: Assembly, producer: aioredis.Redis, signer: Any, timestamp_ms: int
+) -> int:
+    """One more event, and a head over it signed by `signer` at `timestamp_ms`."""
+    from audit_worker.db.store import StoredTreeHead
+
+    await producer.xadd(log.worker.intake.stream, {"event": encode(make_event(4242))})
+    await drain(log, idle_rounds=1)
+    frontier = log.worker.frontier
+    head = TreeHead("audit-log", frontier.size, frontier.root(), timestamp_ms)
+    await log.worker.store.insert_tree_head(
+        StoredTreeHead(head.tree_size, head.root_hash, head.timestamp_ms, head.log_id,
+                       signer.sign(head.signing_input()), signer.ref),
+        frontier,
+    )
+    return frontier.size
+
+
+async def _newest_head_ms(log: Assembly) -> int:
+    async with log.pool.acquire() as conn:
+        return int(await conn.fetchval("SELECT max(timestamp_ms) FROM audit.tree_heads"))
+
+
+def _iso_ms(timestamp_ms: int) -> str:
+    moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def test_a_head_signed_by_a_rotated_key_after_its_window_is_not_trusted(
+    log: Assembly, producer: aioredis.Redis, tmp_path: Path, fresh_database: str
+) -> None:
+    from audit_worker.crypto import LocalSigner, TrustedKeys
+
+    old = log.worker.signer
+    new = LocalSigner(tmp_path / "rotated.pem", create=True)
+    rotation = await _newest_head_ms(log) + 1000
+    (tmp_path / "old.pem").write_bytes(old.public_key_pem())
+    (tmp_path / "new.pem").write_bytes(new.public_key_pem())
+    keys_file = tmp_path / "trusted-keys.yaml"
+    keys_file.write_text(
+        "keys:\n"
+        f"  - public_key_file: old.pem\n    valid_until: '{_iso_ms(rotation)}'\n"
+        f"  - public_key_file: new.pem\n    valid_from: '{_iso_ms(rotation)}'\n"
+    )
+    trusted = TrustedKeys.load(keys_file)
+    # the key rotated out signs a newer head, dated after its window closed
+    size = await _sign_extra_head(log, producer, old, rotation + 5000)
+    async with log.pool.acquire() as conn:
+        report = await verify_log(conn, trusted, log_id="audit-log")
+        for_all_time = await verify_log(conn, old.public_key_pem(), log_id="audit-log")
+    assert [(f.kind, f.tree_size) for f in report.findings] == [
+        ("key_outside_window", size), ("unsigned_tail", None)]
+    assert report.verified_size == EVENTS
+    assert for_all_time.ok  # what one --public-key trusted for all time could not see
+    done = _cli_verify("--trusted-keys", str(keys_file), "--log-id", "audit-log",
+                       "--database-url", fresh_database, "--output", "json")
+    assert done.returncode == 1, done.stderr
+    assert "key_outside_window" in {f["kind"] for f in json.loads(done.stdout)["findings"]}
+
+
+async def test_a_head_signed_by_the_new_key_inside_its_window_is_trusted(
+    log: Assembly, producer: aioredis.Redis, tmp_path: Path
+) -> None:
+    from audit_worker.crypto import LocalSigner, TrustedKeys
+
+    old, new = log.worker.signer, LocalSigner(tmp_path / "rotated.pem", create=True)
+    rotation = await _newest_head_ms(log) + 1000
+    trusted = TrustedKeys.parse({"keys": [
+        {"public_key": old.public_key_pem().decode(), "valid_until": _iso_ms(rotation)},
+        {"public_key": new.public_key_pem().decode(), "valid_from": _iso_ms(rotation)},
+    ]}, base=tmp_path)
+    await _sign_extra_head(log, producer, new, rotation)
+    async with log.pool.acquire() as conn:
+        report = await verify_log(conn, trusted, log_id="audit-log")
+    assert report.ok and report.verified_size == EVENTS + 1, report.findings
+
+
+async def test_a_larger_head_dated_before_a_smaller_one_is_found(
+    log: Assembly, producer: aioredis.Redis
+) -> None:
+    async with log.pool.acquire() as conn:
+        first = int(await conn.fetchval("SELECT min(timestamp_ms) FROM audit.tree_heads"))
+    size = await _sign_extra_head(log, producer, log.worker.signer, first - 60_000)
+    report = await _verify(log)
+    assert [(f.kind, f.tree_size) for f in report.findings] == [("timestamp_backwards", size)]
+    assert report.verified_size == size  # the head is genuinely signed: only its time is wrong
+
+
+async def test_an_event_id_stored_twice_is_found_with_both_indices(
+    log: Assembly, fresh_database: str
+) -> None:
+    async with log.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM audit.events WHERE log_index = 10")
+    data = bytes(row["leaf_data"]).replace(b'{"log_index":10,', b'{"log_index":%d,' % EVENTS)
+    # a superuser bypasses audit.event_keys, which refuses a second row for an id
+    await _tamper(
+        log,
+        "INSERT INTO audit.events (log_index, event_id, recorded, occurred, action, outcome,"
+        " patient_hmac, actor_hmac, data_key_id, leaf_data, leaf_hash)"
+        f" SELECT {EVENTS}, event_id, recorded, occurred, action, outcome, patient_hmac,"
+        f" actor_hmac, data_key_id, '\\x{data.hex()}', '\\x{hash_leaf(data).hex()}'"
+        " FROM audit.events WHERE log_index = 10",
+    )
+    report = await _verify(log, allow_unsigned_tail=True)
+    duplicated = [f for f in report.findings if f.kind == "duplicate_event_id"]
+    assert [(f.index, f.message.split(" is stored")[0]) for f in duplicated] == [
+        (10, f"event id {row['event_id']}")]
+    assert f"stored 2 times, at indices 10, {EVENTS}" in duplicated[0].message
+    # the same in the parallel path, in the same snapshot
+    async with log.pool.acquire() as conn:
+        import audit_worker.verify as verify_module
+
+        verify_module_chunk = verify_module._CHUNK
+        try:
+            verify_module._CHUNK = 16
+            parallel = await verify_log(
+                conn, log.worker.signer.public_key_pem(), log_id="audit-log",
+                allow_unsigned_tail=True, dsn=fresh_database, workers=2,
+            )
+        finally:
+            verify_module._CHUNK = verify_module_chunk
+    assert [f.kind for f in parallel.findings] == ["duplicate_event_id"]
+
+
+async def test_a_changed_data_key_id_is_a_column_mismatch(
+    log: Assembly, producer: aioredis.Redis
+) -> None:
+    unsealed = make_event(777, entity=[{"type": "Observation"}])  # nothing to seal
+    del unsealed["detail"]
+    await producer.xadd(log.worker.intake.stream, {"event": encode(unsealed)})
+    await drain(log, idle_rounds=1)
+    await log.worker.sign_tree_head()
+    async with log.pool.acquire() as conn:
+        sealed = await conn.fetch("SELECT log_index FROM audit.events"
+                                  " WHERE data_key_id IS NOT NULL ORDER BY log_index LIMIT 2")
+        plain = await conn.fetchval("SELECT min(log_index) FROM audit.events"
+                                    " WHERE data_key_id IS NULL")
+    assert len(sealed) == 2 and plain is not None, "the fixture needs both kinds of row"
+    other, cleared = sealed[0]["log_index"], sealed[1]["log_index"]
+    await _tamper(
+        log,
+        f"UPDATE audit.events SET data_key_id = 'another-key' WHERE log_index = {other}",
+        f"UPDATE audit.events SET data_key_id = NULL WHERE log_index = {cleared}",
+        f"UPDATE audit.events SET data_key_id = 'invented' WHERE log_index = {plain}",
+    )
+    report = await _verify(log)
+    assert sorted((f.kind, f.index) for f in report.findings) == sorted(
+        [("column_mismatch", other), ("column_mismatch", cleared), ("column_mismatch", plain)])
+    assert all("data_key_id" in f.message for f in report.findings)
+
+
+async def test_verify_without_log_id_is_refused(log: Assembly, tmp_path: Path,
+                                                fresh_database: str) -> None:
+    key = tmp_path / "pub.pem"
+    key.write_bytes(log.worker.signer.public_key_pem())
+    done = _cli_verify("--public-key", str(key), "--database-url", fresh_database)
+    assert done.returncode == 2
+    assert "--log-id is required" in done.stderr
+    ok = _cli_verify("--public-key", str(key), "--log-id", "audit-log",
+                     "--database-url", fresh_database)
+    assert ok.returncode == 0, ok.stderr
+    assert "limit:" in ok.stderr  # the text output states what it could not check
+
+
+async def test_verify_refuses_several_public_keys_and_asks_for_windows(
+        log: Assembly, tmp_path: Path, fresh_database: str) -> None:
+    key = tmp_path / "pub.pem"
+    key.write_bytes(log.worker.signer.public_key_pem())
+    done = _cli_verify("--public-key", str(key), "--public-key", str(key), "--log-id",
+                       "audit-log", "--database-url", fresh_database)
+    assert done.returncode == 2
+    assert "--trusted-keys" in done.stderr and "window" in done.stderr
+    both = _cli_verify("--public-key", str(key), "--trusted-keys", str(key), "--log-id",
+                       "audit-log", "--database-url", fresh_database)
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -9,28 +9,30 @@ from typing import Any
 
 import pytest
 
-from audit_worker.crypto import LocalSigner, TreeHead
+from audit_worker.crypto import LocalSigner, TreeHead, TrustedKeys
 from audit_worker.merkle import CompactRange, hash_leaf, root_from_leaf_hashes
 from audit_worker.verify import (
     Finding,
     VerifyReport,
     _Assembler,
+    _check_heads,
     _check_row,
     _Chunk,
     _ChunkChecker,
     _Collector,
     _column_problems,
-    _signed_by_any,
 )
 
 CHECKED = ("event_id", "action", "outcome", "patient_hmac", "actor_hmac", "occurred",
-           "recorded")
+           "recorded", "data_key_id")
 
 
 def columns(index: int, **changed: str) -> dict[str, str]:
     values = {"event_id": f'"e-{index}"', "action": '"R"', "outcome": "0",
               "patient_hmac": "null", "actor_hmac": '"ab"',
-              "occurred": '"2026-01-01T00:00:00.000Z"', "recorded": '"2026-01-01T00:00:01.000Z"'}
+              "occurred": '"2026-01-01T00:00:00.000Z"', "recorded": '"2026-01-01T00:00:01.000Z"',
+              # what the server renders for a NULL data_key_id: no sealed fields
+              "sealed": "null"}
     return values | changed
 
 
@@ -93,6 +95,35 @@ def test_a_column_that_differs_from_the_leaf_is_named() -> None:
 
 def test_fragments_of_the_wrong_shape_name_every_column() -> None:
     assert _column_problems(b',"event_id":"e-3",', leaf(3)) == list(CHECKED)
+
+
+def sealed_leaf(index: int, key_id: str = "k1") -> bytes:
+    """A leaf with sealed fields: keys sorted, so ``key_id`` comes last in the object."""
+    return leaf(index).replace(
+        b'"sealed":null', b'"sealed":{"ct":"AAAA","key_id":"%s"}' % key_id.encode())
+
+
+def with_key_id_fragment(index: int, fragment: bytes) -> bytes:
+    """The fragments of `index` with the data_key_id one (the last) replaced, as the
+    server renders it: ``,"key_id":<to_json(column)>}``, or ``,"sealed":null,`` for NULL."""
+    return b"\n".join([*fragments(index).split(b"\n")[:-1], fragment])
+
+
+@pytest.mark.parametrize(("data", "fragment", "problems"), [
+    (sealed_leaf(3), b',"key_id":"k1"}', []),
+    (leaf(3), b',"sealed":null,', []),
+    # the column names another data key than the one the leaf was sealed under
+    (sealed_leaf(3), b',"key_id":"k2"}', ["data_key_id"]),
+    # NULL column, but the leaf has sealed fields: NULL must mean no key id at all
+    (sealed_leaf(3), b',"sealed":null,', ["data_key_id"]),
+    (leaf(3), b',"key_id":"k1"}', ["data_key_id"]),
+    # a value that tries to close the string and match the rest of the leaf stays quoted
+    (sealed_leaf(3), b',"key_id":"k1\\"}"}', ["data_key_id"]),
+], ids=["same-key", "both-null", "other-key", "null-column-sealed-leaf",
+        "key-column-unsealed-leaf", "quote-injection"])
+def test_data_key_id_must_agree_with_the_sealed_fields_of_the_leaf(
+        data: bytes, fragment: bytes, problems: list[str]) -> None:
+    assert _column_problems(with_key_id_fragment(3, fragment), data) == problems
 
 
 # ---- one index range
@@ -240,16 +271,60 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalSigner, LocalSi
             LocalSigner(directory / "b.pem", create=True))
 
 
+def head_row(signer: LocalSigner, size: int, timestamp_ms: int,
+             log_id: str = "audit-log") -> dict[str, Any]:
+    head = TreeHead(log_id, size, bytes([size]) * 32, timestamp_ms)
+    return {"tree_size": size, "root_hash": head.root_hash, "timestamp_ms": timestamp_ms,
+            "log_id": log_id, "signature": signer.sign(head.signing_input())}
+
+
+def check_heads(rows: list[dict[str, Any]], trusted: TrustedKeys) -> VerifyReport:
+    report = VerifyReport()
+    _check_heads(rows, trusted, "audit-log", _Collector(report))
+    return report
+
+
 def test_a_tree_head_passes_when_any_of_the_keys_signed_it(
         keys: tuple[LocalSigner, LocalSigner]) -> None:
     signer, other = keys
-    head = TreeHead("audit-log", 4, bytes(32), 1000)
-    signature = signer.sign(head.signing_input())
-    assert _signed_by_any([b"not a key", other.public_key_pem(), signer.public_key_pem()],
-                          head, signature)
-    assert not _signed_by_any([other.public_key_pem()], head, signature)
-    assert not _signed_by_any([b"not a key"], head, signature)
-    assert not _signed_by_any([], head, signature)
+    rows = [head_row(signer, 4, 1000)]
+    both = TrustedKeys.from_pems([other.public_key_pem(), signer.public_key_pem()])
+    assert check_heads(rows, both).valid_tree_heads == 1
+    report = check_heads(rows, TrustedKeys.from_pems([other.public_key_pem()]))
+    assert [(f.kind, f.tree_size) for f in report.findings] == [("bad_signature", 4)]
+
+
+def test_a_head_signed_outside_its_keys_window_does_not_count(
+        keys: tuple[LocalSigner, LocalSigner]) -> None:
+    old, new = keys
+    trusted = TrustedKeys.parse({"keys": [
+        {"public_key": old.public_key_pem().decode(), "valid_until": "1970-01-01T00:00:02Z"},
+        {"public_key": new.public_key_pem().decode(), "valid_from": "1970-01-01T00:00:02Z"},
+    ]}, base=Path("."))
+    rows = [head_row(old, 1, 1000), head_row(new, 2, 2000), head_row(old, 3, 3000)]
+    report = check_heads(rows, trusted)
+    assert [(f.kind, f.tree_size) for f in report.findings] == [("key_outside_window", 3)]
+    assert report.valid_tree_heads == 2 and report.tree_heads == 3
+
+
+def test_a_larger_head_dated_before_a_smaller_one_goes_backwards(
+        keys: tuple[LocalSigner, LocalSigner]) -> None:
+    signer, _ = keys
+    rows = [head_row(signer, 1, 5000), head_row(signer, 2, 5000), head_row(signer, 3, 4000),
+            head_row(signer, 4, 4500), head_row(signer, 5, 6000)]
+    report = check_heads(rows, TrustedKeys.from_pems([signer.public_key_pem()]))
+    # equal times are fine; 3 and 4 are both dated before the head at size 2
+    assert [(f.kind, f.tree_size) for f in report.findings] == [
+        ("timestamp_backwards", 3), ("timestamp_backwards", 4)]
+    assert "before the head at the smaller size 1" in report.findings[0].message
+    assert report.valid_tree_heads == 5  # still signed: the finding says what is wrong
+
+
+def test_a_head_for_another_log_is_not_trusted(keys: tuple[LocalSigner, LocalSigner]) -> None:
+    signer, _ = keys
+    report = check_heads([head_row(signer, 1, 1000, log_id="other-log")],
+                         TrustedKeys.from_pems([signer.public_key_pem()]))
+    assert [(f.kind, f.tree_size) for f in report.findings] == [("wrong_log_id", 1)]
 
 
 # ---- the report
@@ -280,8 +355,9 @@ def test_the_report_as_stored_rounds_time_and_rate() -> None:
         "ok": False, "rows": 1000, "tree_heads": 3, "valid_tree_heads": 2,
         "verified_size": 900, "seconds": 0.123, "rows_per_second": 8100,
         "findings": [{"kind": "unsigned_tail", "message": "100 rows", "index": 900,
-                      "tree_size": None}],
-        "suppressed": {"deleted_row": 7},
+                      "tree_size": None, "dead_letter_id": None}],
+        "suppressed": {"deleted_row": 7}, "limits": [], "dead_letters": 0,
+        "dead_letter_chain_hash": "00" * 32, "witnessed_size": None,
     }
 
 
@@ -293,7 +369,8 @@ def test_an_instant_report_has_no_rate() -> None:
 def test_a_fresh_report_and_chunk_are_empty() -> None:
     assert VerifyReport().as_dict() == {
         "ok": True, "rows": 0, "tree_heads": 0, "valid_tree_heads": 0, "verified_size": 0,
-        "seconds": 0.0, "rows_per_second": 0, "findings": [], "suppressed": {}}
+        "seconds": 0.0, "rows_per_second": 0, "findings": [], "suppressed": {}, "limits": [],
+        "dead_letters": 0, "dead_letter_chain_hash": "00" * 32, "witnessed_size": None}
     assert (_Chunk(0, 4).rows, _Chunk(0, 4).findings, _Chunk(0, 4).broken_at,
             _Chunk(0, 4).partials, _Chunk(0, 4).root) == (0, [], None, {}, None)
 
@@ -318,4 +395,5 @@ def test_rows_missing_before_the_first_range_are_deleted_rows() -> None:
 def test_a_finding_without_a_place_is_stored_with_nulls() -> None:
     report = VerifyReport(findings=[Finding("truncated_tail", "gone")])
     assert report.as_dict()["findings"] == [
-        {"kind": "truncated_tail", "message": "gone", "index": None, "tree_size": None}]
+        {"kind": "truncated_tail", "message": "gone", "index": None, "tree_size": None,
+         "dead_letter_id": None}]
