@@ -446,6 +446,8 @@ def _non_metric_tokens() -> dict[str, bool]:
         "audit_witness_forged": _source_mentions('alert="audit_witness_forged"'),
         "audit_log_rolled_back": _source_mentions('alert="audit_log_rolled_back"'),
         "audit_admin": "audit_admin" in (ROOT / "infra/database.py").read_text(),
+        "audit_archiver": "CREATE ROLE audit_archiver" in (
+            ROOT / "src/audit_worker/db/migrations/0005_archived_months.sql").read_text(),
         "audit_worker_slot": bool(slot_key) and re.sub(
             r"[^a-z0-9]", "_", slot_key.group(1)) == "audit_worker_slot",
     }

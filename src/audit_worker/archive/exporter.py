@@ -442,6 +442,12 @@ class ArchiveExporter:
                 break
             try:
                 rows = await conn.fetchval("SELECT audit.detach_archived_month($1)", month)
+            except asyncpg.InsufficientPrivilegeError:
+                raise ExportRefusedError(
+                    f"month {name} not detached: this login may not detach months; grant it "
+                    "the role audit_archiver (GRANT audit_archiver TO <login>), or turn "
+                    "AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS off"
+                ) from None
             except asyncpg.PostgresError as exc:
                 raise ExportRefusedError(f"month {name} not detached: {exc}") from None
             results.append(ExportResult(name, "detached", row["first_index"], row["end_index"],

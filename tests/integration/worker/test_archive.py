@@ -397,7 +397,7 @@ def _login_url(superuser_url: str, role: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{quote(role)}:{quote(password)}@{host}"))
 
 
-async def test_the_worker_role_cannot_detach_an_unexported_partition(
+async def test_only_an_archiver_login_detaches_and_only_an_exported_month(
     log: Log, fresh_database: str, tmp_path: Path
 ) -> None:
     role, password = f"worker_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
@@ -407,8 +407,7 @@ async def test_the_worker_role_cannot_detach_an_unexported_partition(
     before = log.months[0]
     worker = await asyncpg.connect(_login_url(fresh_database, role, password))
     try:
-        with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError,
-                           match=r"not in audit\.archived_months"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await worker.fetchval("SELECT audit.detach_archived_month($1)", before)
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await worker.execute(
@@ -418,8 +417,16 @@ async def test_the_worker_role_cannot_detach_an_unexported_partition(
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await worker.execute("DELETE FROM audit.archived_months")
         assert await log.fetchval(f"SELECT count(*) FROM audit.{_partition(before)}") == 150
-        # Once exported and verified, the same login may detach it, through the function.
+        # Exported and verified: still not the writer's right, which would let a stolen
+        # password fake an export and drop a month; only a login given audit_archiver.
         await log.exporter(DirectoryStore(tmp_path / "archive")).run(only=before)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await worker.fetchval("SELECT audit.detach_archived_month($1)", before)
+        async with log.parts.pool.acquire() as conn:
+            await conn.execute(f"GRANT audit_archiver TO {role}")
+        with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError,
+                           match=r"not in audit\.archived_months"):
+            await worker.fetchval("SELECT audit.detach_archived_month($1)", log.months[1])
         assert await worker.fetchval("SELECT audit.detach_archived_month($1)", before) == 150
         assert await worker.fetchval("SELECT audit.detach_archived_month($1)", before) == 0
         assert await worker.fetchval(

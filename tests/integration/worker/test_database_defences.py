@@ -55,7 +55,7 @@ WRITER_PRIVILEGES: dict[str, frozenset[str]] = {
 }
 # SECURITY DEFINER functions run with their owner's rights: each one the worker may call
 # is a door through the missing grants, so the list is kept here on purpose.
-WRITER_DEFINERS = ["detach_archived_month", "ensure_partitions"]
+WRITER_DEFINERS = ["ensure_partitions"]
 REFUSED = "the worker's login was allowed to"
 
 

@@ -104,5 +104,17 @@ GRANT SELECT ON audit.detached_months TO audit_writer;
 -- Default privileges (0001) would grant INSERT: only the function writes detached_months.
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON audit.detached_months FROM audit_writer;
 REVOKE UPDATE, DELETE, TRUNCATE ON audit.archived_months FROM audit_writer;
+-- Detaching drops a month's rows from the database: a login that may insert into
+-- archived_months and call the function could record a fake export and drop a month
+-- (verify --archive would then report it missing, but the rows would be gone). So it is
+-- not the writer's right: an environment that turns detaching on grants this role to the
+-- worker's login on purpose (GRANT audit_archiver TO <login>, deployment guide).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'audit_archiver') THEN
+        CREATE ROLE audit_archiver NOLOGIN;
+    END IF;
+END $$;
 REVOKE ALL ON FUNCTION audit.detach_archived_month(date) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION audit.detach_archived_month(date) TO audit_writer;
+GRANT USAGE ON SCHEMA audit TO audit_archiver;
+GRANT EXECUTE ON FUNCTION audit.detach_archived_month(date) TO audit_archiver;
