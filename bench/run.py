@@ -49,7 +49,7 @@ from audit_worker.worker import BatchResult
 console = Console()
 RESULTS = Path(__file__).parent / "results"
 PIPELINE_EVENTS = int(os.environ.get("BENCH_PIPELINE_EVENTS", "100000"))
-WITNESS_EVENTS = int(os.environ.get("BENCH_WITNESS_EVENTS", "40000"))
+WITNESS_EVENTS = int(os.environ.get("BENCH_WITNESS_EVENTS", "100000"))
 WITNESS_ROUNDS = 2
 
 

@@ -215,9 +215,14 @@ def evidence_store(settings: WorkerSettings) -> ObjectStore | None:
 
     def client() -> Any:
         import boto3
+        from botocore.config import Config
 
+        # Bounded: a slow or unreachable S3 delays a witness round, never the worker.
+        config = Config(connect_timeout=5, read_timeout=10,
+                        retries={"max_attempts": 3, "mode": "standard"})
         return boto3.client(
-            "s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url
+            "s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
+            config=config,
         )
 
     return open_store(url, s3_client=client)

@@ -53,6 +53,7 @@ from audit_worker.crypto import (
     KeyWrapper,
     Pseudonymiser,
     SignatureError,
+    TreeHead,
     TrustedKeys,
 )
 from audit_worker.db.migrate import require_current
@@ -280,6 +281,7 @@ class Service:
         self._last_signed: tuple[int, bytes, int] | None = None
         self._witness_read_at = 0.0
         self._rollback_reported = -1
+        self._trusted: TrustedKeys | None = None  # heads the gauges believe: set at start
 
     @property
     def app(self) -> FastAPI:
@@ -448,9 +450,12 @@ class Service:
         """Consume and sign until `stop`, then shut down within the grace period."""
         s = self.settings
         self.status.phase = "running" if self._integrity_exc is None else "halted"
+        publisher = await self._witness_publisher(worker)
         consumer = asyncio.create_task(self._consume(worker, stop), name="audit-consumer")
         signer = asyncio.create_task(self._sign_loop(worker, stop), name="audit-signer")
-        witness = asyncio.create_task(self._witness_loop(worker, stop), name="audit-witness")
+        witness = asyncio.create_task(
+            self._witness_loop(worker, publisher, stop), name="audit-witness"
+        )
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({consumer, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -829,33 +834,54 @@ class Service:
             await self._sign_once(worker)
 
     # ------------------------------------------------------------------ witness
-    async def _witness_loop(self, worker: Worker, stop: asyncio.Event) -> None:
-        """Publish the newest head this worker signed outside the database, at most once
-        per AUDIT_WITNESS_INTERVAL_SECONDS, and compare the database with the witness."""
+    async def _witness_publisher(self, worker: Worker) -> WitnessPublisher | None:
+        """Set up witnessing before the consumer starts: building the S3 client and its
+        first request load botocore's models, seconds of CPU that must not land on the
+        first batches. None when there is nowhere to witness, or it cannot be set up: a
+        witness problem never keeps events out of the log."""
         parts = self.parts
-        store = evidence_store(self.settings)
+        try:
+            pem = await asyncio.to_thread(worker.signer.public_key_pem)
+            own = TrustedKeys.from_pems([pem]).keys[0]
+            self._trusted = await asyncio.to_thread(trusted_keys, self.settings, pem)
+            store = await asyncio.to_thread(evidence_store, self.settings)
+        except Exception as exc:
+            self.metrics.witness_failures.inc()
+            log.warning("witness not set up: tree heads are not witnessed",
+                        error=describe_error(exc))
+            return None
         if store is None or parts is None:
             log.warning(
                 "no evidence store (AUDIT_ARCHIVE_URL or AUDIT_ARCHIVE_BUCKET): tree heads "
                 "are not witnessed, so a rollback of the database could go unnoticed"
             )
-            return
-        pem = await asyncio.to_thread(worker.signer.public_key_pem)
-        own = TrustedKeys.from_pems([pem]).keys[0]
-        keys = await asyncio.to_thread(trusted_keys, self.settings, pem)
-        log_ = WitnessLog(store, self.settings.log_id, keys)
+            return None
+        witness_log = WitnessLog(store, self.settings.log_id, self._trusted)
         chain = DeadLetterChainTracker(
             parts.pool, self.settings.database_acquire_timeout_seconds, verify_dead_letter_chain
         )
         publisher = WitnessPublisher(
-            log_, worker.signer, own, chain.head,
+            witness_log, worker.signer, own, chain.head,
             interval_seconds=self.settings.witness_interval_seconds,
         )
-        log.info("witnessing tree heads", url=log_.url,
+        log.info("witnessing tree heads", url=witness_log.url,
                  interval_s=self.settings.witness_interval_seconds)
+        # The first read, while idle; an unreachable store must not hold back the consumer.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._witness_once(worker, publisher), timeout=10)
+        return publisher
+
+    async def _witness_loop(
+        self, worker: Worker, publisher: WitnessPublisher | None, stop: asyncio.Event
+    ) -> None:
+        """Publish the newest head this worker signed outside the database, at most once
+        per AUDIT_WITNESS_INTERVAL_SECONDS, and compare the database with the witness."""
+        if publisher is None:
+            return
         while not stop.is_set():
-            await self._witness_once(worker, publisher)
             await sleep_or_stop(stop, min(1.0, self.settings.witness_interval_seconds))
+            if not stop.is_set():
+                await self._witness_once(worker, publisher)
 
     async def _witness_once(self, worker: Worker, publisher: WitnessPublisher) -> None:
         now = time.time()
@@ -893,14 +919,23 @@ class Service:
             return
         witnessed = read.newest.checkpoint.tree_size
         self.metrics.witnessed_tree_size.set(witnessed)
-        if witnessed > worker.frontier.size and witnessed != self._rollback_reported:
+        # Read after the witness: every witnessed head was in the database before it was
+        # published, so the database holds at least as much unless something was removed.
+        try:
+            in_database = await self._verified_head_size()
+        except Exception as exc:
+            log.warning("tree heads not read for the witness check", error=describe_error(exc))
+            return
+        if in_database is None:
+            return
+        if witnessed > in_database and witnessed != self._rollback_reported:
             # Not a halt: after a region-down failover DR legitimately holds less than
             # prod's witness. The operator decides; the alert and the runbook say how.
             self._rollback_reported = witnessed
             log.critical(
                 "the database holds fewer log entries than the witness has seen: entries "
                 "were removed, a backup was restored, or DR took over with a loss",
-                tree_size=worker.frontier.size, witnessed_size=witnessed,
+                tree_size=in_database, witnessed_size=witnessed,
                 alert="audit_log_rolled_back",
             )
 
@@ -936,8 +971,38 @@ class Service:
             return
         if row is not None:
             self.metrics.note_tree_head(row["tree_size"], row["timestamp_ms"])
-        # As read, not the largest seen: a database rolled back below its witness shows.
-        self.metrics.database_tree_head_size.set(row["tree_size"] if row is not None else 0)
+        try:
+            await self._verified_head_size()
+        except Exception as exc:
+            log.debug("verified head gauge not refreshed", error=describe_error(exc))
+
+    async def _verified_head_size(self) -> int | None:
+        """The size of the newest head in the database that a trusted key signed, as read
+        now (0 without one), into `audit_database_tree_head_size`. Not the largest ever
+        seen, so a rollback shows; and not any row, so an unsigned head inserted by hand
+        cannot hide one. None before the keys are known."""
+        parts, trusted = self.parts, self._trusted
+        if parts is None or trusted is None:
+            return None
+        async with parts.pool.acquire(timeout=2) as conn:
+            rows = await conn.fetch(
+                "SELECT tree_size, root_hash, timestamp_ms, log_id, signature"
+                " FROM audit.tree_heads ORDER BY tree_size DESC LIMIT 16", timeout=2,
+            )
+        size = 0
+        for r in rows:
+            try:
+                head = TreeHead(r["log_id"], r["tree_size"], bytes(r["root_hash"]),
+                                r["timestamp_ms"])
+            except (TypeError, ValueError):
+                continue
+            if r["log_id"] == self.settings.log_id and trusted.check_head(
+                head, bytes(r["signature"])
+            ) == "ok":
+                size = head.tree_size
+                break
+        self.metrics.database_tree_head_size.set(size)
+        return size
 
     async def maintain(self) -> None:
         """Keep monthly partitions ahead (a worker may run for months) and trim the

@@ -23,6 +23,7 @@ size among notes that verify.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ _SPAN = 10**20 - 1  # 20 digits: larger than any tree size a checkpoint can stat
 # Notes examined from the top of the history before giving up: forged notes written by
 # someone with PutObject rights sort first if they claim huge sizes; each is reported.
 NEWEST_SCAN = 32
+
+
+_HISTORY_NAME = re.compile(r"[0-9]{20}")
+UNEXPECTED_NAME = "(an object with an unexpected name)"
 
 
 def history_key(log_id: str, tree_size: int) -> str:
@@ -86,12 +91,19 @@ class WitnessLog:
 
     def publish(self, note: bytes, tree_size: int) -> bool:
         """Write the note under its size (once) and as the newest. False when a note for
-        this size was already witnessed (by this worker or another): nothing is replaced."""
+        this size was already witnessed (by this worker or another): nothing is replaced.
+        `checkpoint` is replaced only by a larger size, so tlog tooling never sees it move
+        back when two slots publish (each replacement is a version Object Lock keeps)."""
         try:
             self.store.put(history_key(self.log_id, tree_size), note)
         except ObjectExists:
             return False
-        self.store.put(latest_key(self.log_id), note, replace=True)
+        try:
+            current = self.read(latest_key(self.log_id)).checkpoint.tree_size
+        except CheckpointError:
+            current = -1  # none yet, or not one of ours: ours replaces it
+        if tree_size > current:
+            self.store.put(latest_key(self.log_id), note, replace=True)
         return True
 
     def read(self, key: str) -> Witnessed:
@@ -110,15 +122,30 @@ class WitnessLog:
         return Witnessed(checkpoint, key, signer)
 
     def newest(self, *, scan: int = NEWEST_SCAN) -> WitnessRead:
+        """Walk the history from the largest size down until a note verifies, opening at
+        most `scan` notes. Objects whose names are not a size's are refused unopened, and
+        their names are not repeated (anyone with PutObject chooses them)."""
         result = WitnessRead()
-        for key in self.store.keys(f"{self.log_id}/checkpoints/", limit=scan):
-            result.examined += 1
-            try:
-                result.newest = self.read(key)
-            except CheckpointError as exc:
-                result.refused.append((key, str(exc)))
-                continue
-            return result
+        prefix = f"{self.log_id}/checkpoints/"
+        after: str | None = None
+        while result.examined < scan:
+            keys = self.store.keys(prefix, limit=100, after=after)
+            if not keys:
+                break
+            for key in keys:
+                if not _HISTORY_NAME.fullmatch(key[len(prefix):]):
+                    result.refused.append((UNEXPECTED_NAME, "not named for a tree size"))
+                    continue
+                result.examined += 1
+                try:
+                    result.newest = self.read(key)
+                except CheckpointError as exc:
+                    result.refused.append((key, str(exc)))
+                    if result.examined >= scan:
+                        break
+                    continue
+                return result
+            after = keys[-1]
         return result
 
 

@@ -117,3 +117,22 @@ def test_open_store_reads_s3_file_and_directory_urls(tmp_path: Path) -> None:
         open_store("s3:///x")
     with pytest.raises(ValueError, match="use s3://"):
         open_store("gs://bucket")
+
+
+def test_objects_not_named_for_a_size_are_refused_unopened_and_unnamed(
+    log: WitnessLog, signer: LocalSigner
+) -> None:
+    log.publish(_note(signer, 100), 100)
+    for n in range(40):  # a flood that sorts before every real name
+        log.store.put(f"{LOG}/checkpoints/0{n:02d}\x1b[31mhostile", b"x")
+    read = log.newest()
+    assert read.newest is not None and read.newest.checkpoint.tree_size == 100
+    assert len(read.refused) == 40
+    assert all("hostile" not in key for key, _ in read.refused)
+
+
+def test_checkpoint_object_only_moves_forward(log: WitnessLog, signer: LocalSigner) -> None:
+    log.publish(_note(signer, 700), 700)
+    log.publish(_note(signer, 60), 60)  # a standby slot publishing an older head
+    newest = log.read(f"{LOG}/checkpoint")
+    assert newest.checkpoint.tree_size == 700

@@ -39,7 +39,7 @@ from audit_worker.crypto import TreeHead, TreeHeadSigner, TrustedKey, TrustedKey
 from audit_worker.crypto.checkpoint import CheckpointError, open_note
 from audit_worker.db.store import HEAD_SUBTREE_CHECK
 from audit_worker.errors import AuditError
-from audit_worker.merkle import HASH_SIZE, CompactRange
+from audit_worker.merkle import HASH_SIZE, CompactRange, hash_leaf
 from audit_worker.objectstore import ObjectExists, ObjectStore
 
 __all__ = [
@@ -303,6 +303,47 @@ class ArchiveExporter:
                 return True
         return False
 
+    async def _signed_through(self, conn: Any, name: str, end_range: CompactRange) -> None:
+        """Before the month is signed for six years: its rows, continued to the first
+        trusted head past its end, must give that head's root. Rows an insider rewrote
+        (leaf hashes recomputed) are refused here instead of laundered into the archive."""
+        heads = await conn.fetch(
+            "SELECT tree_size, root_hash, timestamp_ms, log_id, signature FROM audit.tree_heads"
+            " WHERE tree_size >= $1 ORDER BY tree_size LIMIT 8", end_range.size,
+        )
+        for r in heads:
+            if r["log_id"] != self.log_id:
+                continue
+            try:
+                head = TreeHead(r["log_id"], r["tree_size"], bytes(r["root_hash"]),
+                                r["timestamp_ms"])
+            except (TypeError, ValueError):
+                continue
+            if self.trusted.check_head(head, bytes(r["signature"])) == "ok":
+                break
+        else:
+            raise ExportRefusedError(
+                f"month {name}: no trusted signed head among the first past its end: it "
+                "stays until one is signed; run `audit-worker verify` if this persists"
+            )
+        extended = end_range.copy()
+        for page in range(end_range.size, head.tree_size, PAGE_ROWS):
+            rows = await conn.fetch(
+                "SELECT log_index, leaf_data FROM audit.events WHERE log_index >= $1"
+                " AND log_index < $2 ORDER BY log_index",
+                page, min(page + PAGE_ROWS, head.tree_size),
+            )
+            for row in rows:
+                if row["log_index"] != extended.size:
+                    break
+                extended.append(hash_leaf(bytes(row["leaf_data"])))
+        if extended.size != head.tree_size or extended.root() != head.root_hash:
+            raise ExportRefusedError(
+                f"month {name}: its rows and those after it up to the head signed at size "
+                f"{head.tree_size} do not give that head's root (rows changed after they "
+                "were signed): it stays; run `audit-worker verify`"
+            )
+
     async def _export(
         self, conn: Any, month: date, previous: asyncpg.Record | None
     ) -> tuple[ExportResult, asyncpg.Record | None]:
@@ -335,6 +376,8 @@ class ArchiveExporter:
             raise BundleError(
                 f"month {name}: read rows up to index {writer.end_index}, want {end}"
             )
+        if end > first:
+            await self._signed_through(conn, name, writer.range)
         await asyncio.to_thread(self._finish, writer, prefix)
         verified = await asyncio.to_thread(self._read_back, month, start)
         if verified.end_range.hashes != writer.range.hashes:

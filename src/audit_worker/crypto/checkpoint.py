@@ -145,7 +145,6 @@ def open_note(note: bytes, keys: TrustedKeys) -> tuple[Checkpoint, TrustedKey]:
     checkpoint = Checkpoint.parse(text + "\n")
     signed = (text + "\n").encode()
     ids = {note_key_id(k): k for k in keys.keys}
-    known = 0
     for line in signatures[:-1].split("\n"):
         dash, _, rest = line.partition(" ")
         name, _, blob = rest.partition(" ")
@@ -155,7 +154,6 @@ def open_note(note: bytes, keys: TrustedKeys) -> tuple[Checkpoint, TrustedKey]:
         key = ids.get(raw[:4])
         if name != checkpoint.origin or key is None or len(raw) < 5:
             continue
-        known += 1
         public = serialization.load_pem_public_key(key.pem)
         assert isinstance(public, ec.EllipticCurvePublicKey)
         try:
@@ -173,5 +171,4 @@ def open_note(note: bytes, keys: TrustedKeys) -> tuple[Checkpoint, TrustedKey]:
         return checkpoint, key
     raise CheckpointError(
         f"checkpoint at size {checkpoint.tree_size} has no signature by a trusted key"
-        + (" that verifies" if known else "")
     )

@@ -459,7 +459,11 @@ class LogStore:
             "SELECT max(recorded) FROM audit.events WHERE log_index = $1", size - 1
         )
         if last is None:
-            return moment
+            # The caught-up range says row size-1 exists: it was removed under the lock.
+            raise SequenceError(
+                f"log index {size - 1}, the newest the sequencer built on, is gone from the "
+                f"database; {_STOP}"
+            )
         return max(moment, last.replace(microsecond=last.microsecond // 1000 * 1000))
 
     async def insert_tree_head(self, head: StoredTreeHead, frontier: CompactRange) -> bool:

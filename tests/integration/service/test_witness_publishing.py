@@ -131,4 +131,31 @@ async def test_a_database_rolled_back_below_its_witness_shows_in_the_gauges(
     alarms = [e for e in logs if e.get("alert") == "audit_log_rolled_back"]
     assert len(alarms) == 1
     assert alarms[0]["log_level"] == "critical"
-    assert (alarms[0]["tree_size"], alarms[0]["witnessed_size"]) == (25, 40)
+    # The database's newest trusted head: what is left of the log's signed evidence.
+    assert (alarms[0]["tree_size"], alarms[0]["witnessed_size"]) == (in_database, 40)
+
+
+async def test_an_unsigned_head_inserted_by_hand_does_not_raise_the_database_gauge(
+    fresh_database: str, fresh_redis: str, tmp_path: Path, producer: aioredis.Redis,
+    settings: WorkerSettings,
+) -> None:
+    """Otherwise one forged row in audit.tree_heads would silence AuditLogRolledBack."""
+    settings = service_settings(
+        fresh_database, fresh_redis, tmp_path / "keys", archive_url=str(tmp_path / "archive"),
+        witness_interval_seconds=0.2,
+    )
+    async with running(settings) as worker:
+        await _send(producer, settings.stream, [make_event(i) for i in range(30)])
+        metrics = worker.service.metrics
+        await eventually(lambda: metrics.witnessed_tree_size._value.get() == 30, what="witness")
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            await conn.execute(
+                "INSERT INTO audit.tree_heads (tree_size, root_hash, timestamp_ms, log_id,"
+                " signature, signer_ref, frontier) VALUES (1000000000, $1, 1, $2, $3, 'x', '')",
+                bytes(32), settings.log_id, b"not a signature",
+            )
+        finally:
+            await conn.close()
+        assert await worker.service._verified_head_size() == 30
+        assert metrics.database_tree_head_size._value.get() == 30

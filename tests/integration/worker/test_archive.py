@@ -38,7 +38,7 @@ from audit_worker.archive.reader import prove_archived, verify_with_archive
 from audit_worker.config import WorkerSettings
 from audit_worker.crypto import TrustedKeys
 from audit_worker.db import store as store_module
-from audit_worker.merkle import CompactRange, verify_inclusion
+from audit_worker.merkle import CompactRange, hash_leaf, verify_inclusion
 from audit_worker.objectstore import DirectoryStore, ObjectStore, S3Store
 from audit_worker.service import Assembly
 from audit_worker.verify import verify_log
@@ -367,6 +367,29 @@ async def test_exporter_refuses_a_partition_that_is_not_one_index_range(log: Log
                        "contiguous index range"):
         await log.exporter(DirectoryStore(tmp_path / "a"), detach=True).run()
     assert await _archived(log) == []
+
+
+async def test_rows_rewritten_with_their_hashes_are_refused_not_archived(
+    log: Log, tmp_path: Path
+) -> None:
+    """An insider rewrites a closed month's row and recomputes its leaf hash: every row still
+    hashes to itself, but not to the signed root, so the month is not signed into the
+    archive for six years."""
+    async with log.parts.pool.acquire() as conn:
+        data = bytes(await conn.fetchval("SELECT leaf_data FROM audit.events WHERE log_index = 7"))
+    forged = data.replace(b'"outcome":0', b'"outcome":4')
+    assert forged != data
+    async with log.parts.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE audit.events SET leaf_data = $1, leaf_hash = $2 WHERE log_index = 7",
+            forged, hash_leaf(forged),
+        )
+    store = DirectoryStore(tmp_path / "a")
+    with pytest.raises(ExportRefusedError, match=r"do not give that head's root"):
+        await log.exporter(store, detach=True).run()
+    assert await _archived(log) == []
+    assert store.keys(f"{log.log_id}/months/{log.months[0].isoformat()[:7]}/checkpoint") == []
 
 
 async def test_recorded_never_goes_backwards_with_log_index(
