@@ -49,8 +49,8 @@ from audit_worker.worker import BatchResult
 console = Console()
 RESULTS = Path(__file__).parent / "results"
 PIPELINE_EVENTS = int(os.environ.get("BENCH_PIPELINE_EVENTS", "100000"))
-WITNESS_EVENTS = int(os.environ.get("BENCH_WITNESS_EVENTS", "100000"))
-WITNESS_ROUNDS = 2
+WITNESS_EVENTS = int(os.environ.get("BENCH_WITNESS_EVENTS", "60000"))
+WITNESS_ROUNDS = 4
 
 
 def pct(values: list[float], q: float) -> float:
@@ -136,6 +136,15 @@ def worker_process(env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
     )
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU of a running process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench_pipeline(
     url: str, redis_url: str, env: dict[str, str], workers: int, events: int
 ) -> dict[str, float]:
@@ -153,6 +162,7 @@ async def bench_pipeline(
         if time.perf_counter() - started > 600:
             raise RuntimeError("pipeline did not drain in 10 minutes")
     elapsed = time.perf_counter() - started
+    cpu = sum(process_cpu_seconds(p.pid) for p in procs)
     for p in procs:
         p.terminate()
     for p in procs:
@@ -170,6 +180,7 @@ async def bench_pipeline(
     span = (last - first).total_seconds()
     per_batch = events / max(1, batches)
     return {
+        "worker_cpu_s_per_1000": cpu / events * 1000,
         "drain_events_per_s": events / elapsed,
         "sustained_events_per_s": (events - per_batch) / span if span > 0 else float("nan"),
     }
@@ -254,17 +265,27 @@ async def bench_witness(
         "AUDIT_AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
     }
+    # moto serves S3 from this process, on the same 2 cores as the worker and PostgreSQL;
+    # a directory store shows the worker's own share of the cost without moto's.
+    directory = {**env, "AUDIT_ARCHIVE_URL": tempfile.mkdtemp(prefix="audit-bench-witness-"),
+                 "AUDIT_WITNESS_INTERVAL_SECONDS": "10"}
     modes = {
         "off": env,
         "on_10s": {**on, "AUDIT_WITNESS_INTERVAL_SECONDS": "10"},
+        "on_10s_directory": directory,
         "on_1s": {**on, "AUDIT_WITNESS_INTERVAL_SECONDS": "1"},
     }
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    order = list(modes)
     for _ in range(WITNESS_ROUNDS):
-        for mode, mode_env in modes.items():
-            result = await bench_pipeline(url, redis_url, mode_env, 1, WITNESS_EVENTS)
+        for mode in order:  # each round in another order: the log grows run by run
+            result = await bench_pipeline(url, redis_url, modes[mode], 1, WITNESS_EVENTS)
             runs[mode].append(result["sustained_events_per_s"])
-    return {"events_per_run": WITNESS_EVENTS, "sustained_events_per_s": runs}
+            cpu[mode].append(result["worker_cpu_s_per_1000"])
+        order = order[1:] + order[:1]
+    return {"events_per_run": WITNESS_EVENTS, "sustained_events_per_s": runs,
+            "worker_cpu_s_per_1000": cpu}
 
 
 async def main() -> None:
@@ -354,9 +375,15 @@ async def main() -> None:
         )
     witness = results["witness"]
     for mode, rates in witness["sustained_events_per_s"].items():
+        label = mode.replace("_directory", " (directory store)").replace("_", " every ")
         table.add_row(
-            f"pipeline, witness {mode.replace('_', ' every ')}",
+            f"pipeline, witness {label}",
             f"{min(rates):,.0f} to {max(rates):,.0f} events/s sustained ({len(rates)} runs)",
+        )
+    for mode, seconds in witness["worker_cpu_s_per_1000"].items():
+        table.add_row(
+            f"worker CPU per 1,000 events, witness {mode}",
+            f"{min(seconds):.3f} to {max(seconds):.3f} s ({len(seconds)} runs)",
         )
     publication = witness["publication"]
     table.add_row(

@@ -65,3 +65,20 @@ async def drain(parts: Assembly, *, batch: int = 500, idle_rounds: int = 2) -> i
         result = await parts.worker.process(entries)
         stored += result.stored
     return stored
+
+
+def locked_bucket(client: Any) -> str:
+    """A new S3 bucket with Object Lock in COMPLIANCE mode for six years, as infra/archive.py
+    declares it (moto enforces the retention and conditional PUTs)."""
+    import uuid
+
+    bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    client.put_object_lock_configuration(
+        Bucket=bucket,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 6}},
+        },
+    )
+    return bucket

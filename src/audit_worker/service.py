@@ -53,7 +53,6 @@ from audit_worker.crypto import (
     KeyWrapper,
     Pseudonymiser,
     SignatureError,
-    TreeHead,
     TrustedKeys,
 )
 from audit_worker.db.migrate import require_current
@@ -989,18 +988,8 @@ class Service:
                 "SELECT tree_size, root_hash, timestamp_ms, log_id, signature"
                 " FROM audit.tree_heads ORDER BY tree_size DESC LIMIT 16", timeout=2,
             )
-        size = 0
-        for r in rows:
-            try:
-                head = TreeHead(r["log_id"], r["tree_size"], bytes(r["root_hash"]),
-                                r["timestamp_ms"])
-            except (TypeError, ValueError):
-                continue
-            if r["log_id"] == self.settings.log_id and trusted.check_head(
-                head, bytes(r["signature"])
-            ) == "ok":
-                size = head.tree_size
-                break
+        size = next((r["tree_size"] for r in rows
+                     if trusted.stored_head(self.settings.log_id, r) is not None), 0)
         self.metrics.database_tree_head_size.set(size)
         return size
 

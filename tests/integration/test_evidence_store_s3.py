@@ -3,34 +3,25 @@ even the writer cannot shorten, listing newest-first witness names."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import boto3
 import pytest
 
 from audit_worker.objectstore import ObjectExists, ObjectStoreError, S3Store
+from tests.support import locked_bucket
 
 
 @pytest.fixture
-def locked_bucket(aws_kwargs: dict[str, str]) -> tuple[Any, str]:
+def bucket(aws_kwargs: dict[str, str]) -> tuple[Any, str]:
     client = boto3.client("s3", **aws_kwargs)
-    bucket = f"archive-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-    client.put_object_lock_configuration(
-        Bucket=bucket,
-        ObjectLockConfiguration={
-            "ObjectLockEnabled": "Enabled",
-            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 6}},
-        },
-    )
-    return client, bucket
+    return client, locked_bucket(client)
 
 
 def test_put_once_refuses_an_existing_key_with_a_conditional_put(
-    locked_bucket: tuple[Any, str],
+    bucket: tuple[Any, str],
 ) -> None:
-    client, bucket = locked_bucket
+    client, bucket = bucket
     store = S3Store(bucket, "log", client)
     store.put("checkpoints/1", b"first")
     with pytest.raises(ObjectExists):
@@ -39,9 +30,9 @@ def test_put_once_refuses_an_existing_key_with_a_conditional_put(
 
 
 def test_replaced_object_keeps_its_old_version_under_compliance_retention(
-    locked_bucket: tuple[Any, str],
+    bucket: tuple[Any, str],
 ) -> None:
-    client, bucket = locked_bucket
+    client, bucket = bucket
     store = S3Store(bucket, "log", client)
     store.put("checkpoint", b"v1")
     store.put("checkpoint", b"v2", replace=True)
@@ -53,8 +44,8 @@ def test_replaced_object_keeps_its_old_version_under_compliance_retention(
     assert store.get("checkpoint") == b"v2"
 
 
-def test_keys_lists_under_the_prefix_in_order(locked_bucket: tuple[Any, str]) -> None:
-    client, bucket = locked_bucket
+def test_keys_lists_under_the_prefix_in_order(bucket: tuple[Any, str]) -> None:
+    client, bucket = bucket
     store = S3Store(bucket, "log/", client)
     for name in ("c/3", "c/1", "d/1", "c/2"):
         store.put(name, b"")

@@ -35,7 +35,7 @@ from audit_worker.archive.bundle import (
     month_text,
     verify_bundle,
 )
-from audit_worker.crypto import TreeHead, TreeHeadSigner, TrustedKey, TrustedKeys
+from audit_worker.crypto import TreeHeadSigner, TrustedKey, TrustedKeys
 from audit_worker.crypto.checkpoint import CheckpointError, open_note
 from audit_worker.db.store import HEAD_SUBTREE_CHECK
 from audit_worker.errors import AuditError
@@ -291,17 +291,7 @@ class ArchiveExporter:
             "SELECT tree_size, root_hash, timestamp_ms, log_id, signature FROM audit.tree_heads"
             " WHERE tree_size >= $1 ORDER BY tree_size DESC LIMIT 8", size,
         )
-        for r in rows:
-            if r["log_id"] != self.log_id:
-                continue
-            try:
-                head = TreeHead(r["log_id"], r["tree_size"], bytes(r["root_hash"]),
-                                r["timestamp_ms"])
-            except (TypeError, ValueError):
-                continue
-            if self.trusted.check_head(head, bytes(r["signature"])) == "ok":
-                return True
-        return False
+        return any(self.trusted.stored_head(self.log_id, r) is not None for r in rows)
 
     async def _signed_through(self, conn: Any, name: str, end_range: CompactRange) -> None:
         """Before the month is signed for six years: its rows, continued to the first
@@ -311,17 +301,11 @@ class ArchiveExporter:
             "SELECT tree_size, root_hash, timestamp_ms, log_id, signature FROM audit.tree_heads"
             " WHERE tree_size >= $1 ORDER BY tree_size LIMIT 8", end_range.size,
         )
-        for r in heads:
-            if r["log_id"] != self.log_id:
-                continue
-            try:
-                head = TreeHead(r["log_id"], r["tree_size"], bytes(r["root_hash"]),
-                                r["timestamp_ms"])
-            except (TypeError, ValueError):
-                continue
-            if self.trusted.check_head(head, bytes(r["signature"])) == "ok":
-                break
-        else:
+        head = next(
+            (h for r in heads if (h := self.trusted.stored_head(self.log_id, r)) is not None),
+            None,
+        )
+        if head is None:
             raise ExportRefusedError(
                 f"month {name}: no trusted signed head among the first past its end: it "
                 "stays until one is signed; run `audit-worker verify` if this persists"

@@ -157,6 +157,18 @@ class TrustedKeys:
             keys.append(TrustedKey(pem, public_key_fingerprint(pem), start, end))
         return cls(tuple(keys))
 
+    def stored_head(self, log_id: str, row: Any) -> TreeHead | None:
+        """The head of a stored row (``tree_size``, ``root_hash``, ``timestamp_ms``,
+        ``log_id``, ``signature``) when it names `log_id`, is well formed and a key valid
+        at its time signed it; else None."""
+        if row["log_id"] != log_id:
+            return None
+        try:
+            head = TreeHead(log_id, row["tree_size"], bytes(row["root_hash"]), row["timestamp_ms"])
+        except (TypeError, ValueError):
+            return None
+        return head if self.check_head(head, bytes(row["signature"])) == "ok" else None
+
     def check_head(self, head: TreeHead, signature: bytes) -> HeadCheck:
         """``ok`` when a key whose window covers the head's timestamp verifies it;
         ``outside_window`` when only a key whose window does not cover it does."""

@@ -3,7 +3,6 @@ holds less than its witness."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -19,7 +18,7 @@ from audit_worker.localenv import MotoServer
 from audit_worker.objectstore import DirectoryStore, S3Store
 from audit_worker.witness import WitnessLog
 from tests.integration.service.conftest import count, eventually, running, service_settings
-from tests.support import encode, make_event
+from tests.support import encode, locked_bucket, make_event
 
 
 async def _send(producer: aioredis.Redis, stream: str, events: list[dict[str, object]]) -> None:
@@ -27,6 +26,11 @@ async def _send(producer: aioredis.Redis, stream: str, events: list[dict[str, ob
         for event in events:
             pipe.xadd(stream, {"event": encode(event)})
         await pipe.execute()
+
+
+def _witnessed(log: WitnessLog) -> int:
+    newest = log.newest().newest
+    return newest.checkpoint.tree_size if newest else -1
 
 
 def _keys(key_dir: Path) -> TrustedKeys:
@@ -46,12 +50,7 @@ async def test_signed_heads_reach_the_witness_as_verifiable_checkpoints(
         await _send(producer, settings.stream, [make_event(i) for i in range(30)])
         await eventually(lambda: count(fresh_database), what="stored")
         log = WitnessLog(DirectoryStore(archive), settings.log_id, _keys(tmp_path / "keys"))
-
-        def witnessed() -> int:
-            newest = log.newest().newest
-            return newest.checkpoint.tree_size if newest else -1
-
-        await eventually(lambda: witnessed() == 30, what="size 30 witnessed")
+        await eventually(lambda: _witnessed(log) == 30, what="size 30 witnessed")
         await eventually(
             lambda: worker.service.metrics.witnessed_tree_size._value.get() == 30,
             what="witnessed gauge",
@@ -68,12 +67,7 @@ async def test_heads_are_witnessed_in_an_object_lock_bucket_on_s3(
 ) -> None:
     kwargs = moto_server.boto3_kwargs()
     client = boto3.client("s3", **kwargs)
-    bucket = f"archive-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-    client.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration={
-        "ObjectLockEnabled": "Enabled",
-        "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 6}},
-    })
+    bucket = locked_bucket(client)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     settings = service_settings(
@@ -84,12 +78,7 @@ async def test_heads_are_witnessed_in_an_object_lock_bucket_on_s3(
         await _send(producer, settings.stream, [make_event(i) for i in range(12)])
         await eventually(lambda: count(fresh_database), what="stored")
         log = WitnessLog(S3Store(bucket, "prod", client), settings.log_id, _keys(tmp_path / "keys"))
-
-        def witnessed() -> int:
-            newest = log.newest().newest
-            return newest.checkpoint.tree_size if newest else -1
-
-        await eventually(lambda: witnessed() == 12, what="size 12 witnessed on S3")
+        await eventually(lambda: _witnessed(log) == 12, what="size 12 witnessed on S3")
 
 
 async def test_a_database_rolled_back_below_its_witness_shows_in_the_gauges(

@@ -42,7 +42,7 @@ from audit_worker.merkle import CompactRange, hash_leaf, verify_inclusion
 from audit_worker.objectstore import DirectoryStore, ObjectStore, S3Store
 from audit_worker.service import Assembly
 from audit_worker.verify import verify_log
-from tests.support import drain, encode, make_event, running_parts
+from tests.support import drain, encode, locked_bucket, make_event, running_parts
 
 SIZES = (150, 100, 1100)  # rows two months ago, last month, this month
 
@@ -116,16 +116,7 @@ async def log(
 @pytest.fixture
 def s3_store(aws_kwargs: dict[str, str]) -> tuple[S3Store, Any]:
     client = boto3.client("s3", **aws_kwargs)
-    bucket = f"archive-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-    client.put_object_lock_configuration(
-        Bucket=bucket,
-        ObjectLockConfiguration={
-            "ObjectLockEnabled": "Enabled",
-            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 6}},
-        },
-    )
-    return S3Store(bucket, "", client), client
+    return S3Store(locked_bucket(client), "", client), client
 
 
 async def test_closed_months_are_exported_verified_and_recorded_not_the_current_one(

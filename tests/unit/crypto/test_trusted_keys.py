@@ -222,3 +222,17 @@ def test_from_pems_needs_a_key_and_names_a_bad_one(
         TrustedKeys.from_pems([])
     with pytest.raises(TrustedKeysError, match="public key 2: not a PEM public key"):
         TrustedKeys.from_pems([signers[0].public_key_pem(), b"not a key"])
+
+
+def test_stored_head_is_trusted_only_for_its_log_well_formed_and_signed(tmp_path: Path) -> None:
+    from audit_worker.crypto import LocalSigner, TreeHead
+
+    signer = LocalSigner(tmp_path / "k.pem", create=True)
+    keys = TrustedKeys.from_pems([signer.public_key_pem()])
+    head = TreeHead("log-a", 5, bytes(32), 1_700_000_000_000)
+    row = {"log_id": "log-a", "tree_size": 5, "root_hash": bytes(32),
+           "timestamp_ms": head.timestamp_ms, "signature": signer.sign(head.signing_input())}
+    assert keys.stored_head("log-a", row) == head
+    assert keys.stored_head("log-b", row) is None
+    assert keys.stored_head("log-a", {**row, "tree_size": 6}) is None
+    assert keys.stored_head("log-a", {**row, "root_hash": b"short"}) is None
