@@ -39,7 +39,7 @@ from audit_worker.crypto import TreeHeadSigner, TrustedKey, TrustedKeys
 from audit_worker.crypto.checkpoint import CheckpointError, open_note
 from audit_worker.db.store import HEAD_SUBTREE_CHECK
 from audit_worker.errors import AuditError
-from audit_worker.merkle import HASH_SIZE, CompactRange, hash_leaf
+from audit_worker.merkle import CompactRange, hash_leaf
 from audit_worker.objectstore import ObjectExists, ObjectStore
 
 __all__ = [
@@ -101,10 +101,6 @@ async def monthly_partitions(conn: asyncpg.Connection) -> list[date]:
             if year.isdigit() and month.isdigit() and 1 <= int(month) <= 12:
                 months.append(date(int(year), int(month), 1))
     return sorted(months)
-
-
-def _pack(compact: CompactRange) -> bytes:
-    return b"".join(compact.hashes)
 
 
 def _same_part(existing: bytes, ours: bytes) -> bool:
@@ -227,11 +223,7 @@ class ArchiveExporter:
             checkpoint, _ = open_note(note, self.trusted)
         except CheckpointError as exc:
             raise BundleError(f"month {name}: archived checkpoint: {exc}") from None
-        packed = bytes(previous["end_range"])
-        end = CompactRange.from_state(
-            previous["end_index"],
-            [packed[i : i + HASH_SIZE] for i in range(0, len(packed), HASH_SIZE)],
-        )
+        end = CompactRange.from_packed(previous["end_index"], bytes(previous["end_range"]))
         if (
             checkpoint.tree_size != end.size
             or checkpoint.root_hash != end.root()
@@ -372,7 +364,7 @@ class ArchiveExporter:
             " verified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now())"
             " RETURNING *",
             month, first, end, end - first, verified.end_range.root(),
-            _pack(verified.end_range), verified.note, self.store.url,
+            verified.end_range.packed(), verified.note, self.store.url,
             manifest_key(self.log_id, month),
             [prefix + k for k in ("manifest.json", "checkpoint", *verified.part_keys)],
             verified.size_bytes,

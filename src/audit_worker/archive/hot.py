@@ -12,7 +12,7 @@ from typing import Any
 from audit_worker.archive.bundle import month_text
 from audit_worker.crypto import TrustedKeys
 from audit_worker.crypto.checkpoint import CheckpointError, open_note
-from audit_worker.merkle import HASH_SIZE, CompactRange
+from audit_worker.merkle import CompactRange
 
 
 @dataclass
@@ -20,12 +20,6 @@ class HotStart:
     start: CompactRange | None = None  # None: the hot rows start at index 0
     months: list[date] = field(default_factory=list)  # the detached months, oldest first
     problems: list[str] = field(default_factory=list)
-
-
-def unpack_range(size: int, packed: bytes) -> CompactRange:
-    return CompactRange.from_state(
-        size, [packed[i : i + HASH_SIZE] for i in range(0, len(packed), HASH_SIZE)]
-    )
 
 
 async def detached_start(conn: Any, trusted: TrustedKeys, log_id: str) -> HotStart:
@@ -44,7 +38,7 @@ async def detached_start(conn: Any, trusted: TrustedKeys, log_id: str) -> HotSta
     last = rows[-1]
     name = month_text(last["month"])
     try:
-        end = unpack_range(last["end_index"], bytes(last["end_range"]))
+        end = CompactRange.from_packed(last["end_index"], bytes(last["end_range"]))
         checkpoint, _ = open_note(bytes(last["checkpoint"]), trusted)
     except (ValueError, CheckpointError) as exc:
         result.problems.append(

@@ -102,15 +102,6 @@ def now_ms() -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-def _pack_frontier(frontier: CompactRange) -> bytes:
-    return b"".join(frontier.hashes)
-
-
-def _unpack_frontier(size: int, packed: bytes) -> CompactRange:
-    hashes = [packed[i : i + HASH_SIZE] for i in range(0, len(packed), HASH_SIZE)]
-    return CompactRange.from_state(size, hashes)
-
-
 _STOP = "stop the writers and run `audit-worker verify`"
 # At resume, the rows of the head's rightmost subtree are rehashed against its frontier
 # when the subtree is at most this wide (most sizes); wider ones check row tree_size-1 only.
@@ -275,7 +266,7 @@ class LogStore:
                 f"stores a frontier of {len(packed)} bytes, want {want * HASH_SIZE} "
                 f"({want} hashes for its size)"
             )
-        frontier = _unpack_frontier(size, packed)
+        frontier = CompactRange.from_packed(size, packed)
         if frontier.root() != head.root_hash:
             raise untrusted("stores a frontier whose root is not the signed root hash")
         return frontier
@@ -481,7 +472,7 @@ class LogStore:
                 head.log_id,
                 head.signature,
                 head.signer_ref,
-                _pack_frontier(frontier),
+                frontier.packed(),
             )
         return bool(status.endswith(" 1"))
 

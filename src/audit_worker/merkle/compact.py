@@ -50,6 +50,18 @@ class CompactRange:
         compact._hashes = [bytes(h) for h in hashes]
         return compact
 
+    @classmethod
+    def from_packed(cls, size: int, packed: bytes) -> Self:
+        """Rebuild a frontier stored as its subtree roots concatenated (``packed()``);
+        ``ValueError`` as for ``from_state``."""
+        return cls.from_state(
+            size, [packed[i : i + HASH_SIZE] for i in range(0, len(packed), HASH_SIZE)]
+        )
+
+    def packed(self) -> bytes:
+        """The subtree roots concatenated, largest first: how the database stores them."""
+        return b"".join(self._hashes)
+
     @property
     def size(self) -> int:
         """Number of leaves covered."""

@@ -343,3 +343,17 @@ def test_equal_sizes_with_different_roots_name_the_new_root() -> None:
     assert (caught.value.which, caught.value.expected, caught.value.computed) == (
         "new root", _root(4), OTHER)
     assert str(caught.value) == f"new root mismatch: computed {OTHER.hex()}, want {_root(4).hex()}"
+
+
+def test_packed_frontier_round_trips_and_a_short_packing_is_refused() -> None:
+    compact = CompactRange()
+    for i in range(13):  # 0b1101: three subtree roots
+        compact.append(bytes([i]) * 32)
+    packed = compact.packed()
+    assert len(packed) == 3 * 32
+    again = CompactRange.from_packed(13, packed)
+    assert (again.size, again.hashes, again.root()) == (13, compact.hashes, compact.root())
+    with pytest.raises(ValueError):
+        CompactRange.from_packed(13, packed[:-1])
+    with pytest.raises(ValueError):
+        CompactRange.from_packed(15, packed)  # four subtree roots
