@@ -35,7 +35,7 @@ from audit_worker.archive.bundle import (
     month_text,
     verify_bundle,
 )
-from audit_worker.crypto import TreeHeadSigner, TrustedKey, TrustedKeys
+from audit_worker.crypto import TreeHead, TreeHeadSigner, TrustedKey, TrustedKeys
 from audit_worker.crypto.checkpoint import CheckpointError, open_note
 from audit_worker.db.store import HEAD_SUBTREE_CHECK
 from audit_worker.errors import AuditError
@@ -277,31 +277,24 @@ class ArchiveExporter:
             )
         return lo, hi + 1
 
-    async def _covered(self, conn: Any, size: int) -> bool:
-        """A signed head of this log, verified with a trusted key, covers `size` leaves."""
+    async def _covering_head(self, conn: Any, size: int) -> TreeHead | None:
+        """The first head past `size` leaves that a trusted key signed for this log."""
         rows = await conn.fetch(
             "SELECT tree_size, root_hash, timestamp_ms, log_id, signature FROM audit.tree_heads"
-            " WHERE tree_size >= $1 ORDER BY tree_size DESC LIMIT 8", size,
+            " WHERE tree_size >= $1 ORDER BY tree_size LIMIT 8", size,
         )
-        return any(self.trusted.stored_head(self.log_id, r) is not None for r in rows)
-
-    async def _signed_through(self, conn: Any, name: str, end_range: CompactRange) -> None:
-        """Before the month is signed for six years: its rows, continued to the first
-        trusted head past its end, must give that head's root. Rows an insider rewrote
-        (leaf hashes recomputed) are refused here instead of laundered into the archive."""
-        heads = await conn.fetch(
-            "SELECT tree_size, root_hash, timestamp_ms, log_id, signature FROM audit.tree_heads"
-            " WHERE tree_size >= $1 ORDER BY tree_size LIMIT 8", end_range.size,
-        )
-        head = next(
-            (h for r in heads if (h := self.trusted.stored_head(self.log_id, r)) is not None),
+        return next(
+            (h for r in rows if (h := self.trusted.stored_head(self.log_id, r)) is not None),
             None,
         )
-        if head is None:
-            raise ExportRefusedError(
-                f"month {name}: no trusted signed head among the first past its end: it "
-                "stays until one is signed; run `audit-worker verify` if this persists"
-            )
+
+    async def _signed_through(
+        self, conn: Any, name: str, end_range: CompactRange, head: TreeHead
+    ) -> None:
+        """Before the month is signed for six years: its rows, continued to `head` (the
+        first trusted head past its end), must give that head's root. Rows an insider
+        rewrote (leaf hashes recomputed) are refused here instead of laundered into the
+        archive."""
         extended = end_range.copy()
         for page in range(end_range.size, head.tree_size, PAGE_ROWS):
             rows = await conn.fetch(
@@ -330,7 +323,8 @@ class ArchiveExporter:
         # No transaction: the month is closed, its rows do not change, and a snapshot held
         # while parts upload would meet the login's idle-in-transaction timeout.
         first, end = await self._partition_rows(conn, month, start.size)
-        if end > first and not await self._covered(conn, end):
+        head = await self._covering_head(conn, end) if end > first else None
+        if end > first and head is None:
             return ExportResult(
                 name, "waiting", first, end, end - first,
                 detail=f"no signed head covers index {end - 1} yet",
@@ -352,8 +346,8 @@ class ArchiveExporter:
             raise BundleError(
                 f"month {name}: read rows up to index {writer.end_index}, want {end}"
             )
-        if end > first:
-            await self._signed_through(conn, name, writer.range)
+        if head is not None:
+            await self._signed_through(conn, name, writer.range, head)
         await asyncio.to_thread(self._finish, writer, prefix)
         verified = await asyncio.to_thread(self._read_back, month, start)
         if verified.end_range.hashes != writer.range.hashes:
