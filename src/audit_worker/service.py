@@ -448,8 +448,10 @@ class Service:
     async def _serve(self, worker: Worker, stop: asyncio.Event) -> None:
         """Consume and sign until `stop`, then shut down within the grace period."""
         s = self.settings
-        self.status.phase = "running" if self._integrity_exc is None else "halted"
+        # Part of start-up: "running" means the consumer starts now (tests and probes wait
+        # for it), not after the witness's first S3 round trip.
         publisher = await self._witness_publisher(worker)
+        self.status.phase = "running" if self._integrity_exc is None else "halted"
         consumer = asyncio.create_task(self._consume(worker, stop), name="audit-consumer")
         signer = asyncio.create_task(self._sign_loop(worker, stop), name="audit-signer")
         witness = asyncio.create_task(
