@@ -134,9 +134,11 @@ class Database(pulumi.ComponentResource):
             maintenance_window=s.maintenance_window,
             multi_az=s.multi_az,
             deletion_protection=s.deletion_protection,
-            skip_final_snapshot=not args.hardened,
+            # RDS refuses a final snapshot of a read replica: only a primary takes one.
+            skip_final_snapshot=replica or not args.hardened,
             final_snapshot_identifier=(
-                f"audit-kit-{args.environment}-final" if args.hardened else None),
+                f"audit-kit-{args.environment}-final" if args.hardened and not replica
+                else None),
             delete_automated_backups=not args.hardened,
             performance_insights_enabled=s.performance_insights,
             performance_insights_kms_key_id=(

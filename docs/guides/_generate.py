@@ -23,6 +23,8 @@ resilience-settings    the same, for the retry, breaker and delivery settings
 metrics                the registry of ``audit_worker.metrics.Metrics``
 alerts                 ``docs/monitoring/prometheus-rules.yaml``
 migrations             ``audit_worker.db.migrate.load_migrations()``
+aws-constraints        ``CONSTRAINTS`` of ``tests/infra/aws_constraints.py`` (what AWS refuses,
+                       checked against every stack under mocks)
 =====================  =====================================================================
 
 Usage (from the repository root)::
@@ -383,6 +385,29 @@ def migrations_table() -> str:
         ["version", "name", "kind", "checksum (sha256, first 12)"], rows)
 
 
+# --------------------------------------------------------------------------- AWS constraints
+
+AWS_CONSTRAINTS = ROOT / "tests" / "infra" / "aws_constraints.py"
+
+
+def aws_constraints_table() -> str:
+    import importlib.util
+
+    # The table lives with the infra tests (it checks recorded resources); load it by path.
+    spec = importlib.util.spec_from_file_location("audit_kit_aws_constraints", AWS_CONSTRAINTS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    rows = [[f"`{c.id}`", c.service, c.rule,
+             ", ".join(sorted({t.rsplit(":", 1)[-1] for t in c.types})),
+             f"[{c.url.split('/')[2]}/…/{c.url.rstrip('/').rsplit('/', 1)[-1]}]({c.url})"]
+            for c in module.CONSTRAINTS]
+    return _note("tests/infra/aws_constraints.py") + _table(
+        ["constraint", "service", "what AWS refuses (our words)", "checked on",
+         "AWS documentation"], rows)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "environment-matrix": environment_matrix,
     "environment-settings": environment_settings,
@@ -392,6 +417,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "metrics": metrics_table,
     "alerts": alerts_table,
     "migrations": migrations_table,
+    "aws-constraints": aws_constraints_table,
 }
 
 

@@ -378,7 +378,10 @@ def deletion_protection(args: ResourceValidationArgs, report_violation: ReportVi
     p, where = args.props, _where(args)
     if p.get("deletionProtection") is not True:
         report_violation(f"{where}: deletionProtection must be true in {environment}", None)
-    if p.get("skipFinalSnapshot") is not False or not p.get("finalSnapshotIdentifier"):
+    # A read replica cannot take a final snapshot (RDS refuses it), so only primaries must.
+    replica = bool(p.get("replicateSourceDb"))
+    if not replica and (p.get("skipFinalSnapshot") is not False
+                        or not p.get("finalSnapshotIdentifier")):
         report_violation(f"{where}: skipFinalSnapshot must be false with a "
                          f"finalSnapshotIdentifier in {environment}", None)
     if not getattr(args.opts, "protect", False):

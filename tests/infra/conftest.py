@@ -4,8 +4,11 @@
 call is recorded (type, name, inputs, which inputs are secret) and answered with plausible
 outputs (ids, ARNs, endpoints); invokes (``getCallerIdentity``, ``getVpc``, ``getCluster``,
 ...) and the ``pulumi:pulumi:StackReference`` to prod get canned answers. Resource options
-are invisible to mocks, so a stack transformation records ``protect``, ``parent`` and
-``provider`` of each resource as the program declares it.
+are invisible to mocks, so a (client-side) stack transformation records ``protect``,
+``parent`` and ``provider`` of each resource as the program declares it. Resource transforms
+that the program registers with the engine (``register_resource_transform``, as
+``infra/tagging.py`` does) are run by `RecordingMocks` on every registration, as the engine
+would run them.
 
 The program module can be imported only once per process, so each stack runs in its own
 subprocess: ``python tests/infra/conftest.py <stack> <summary.json>`` sets the stack's config
@@ -82,12 +85,30 @@ class RecordingMocks(Mocks):
         self.region = region
         self.resources: list[dict[str, Any]] = []
         self.calls: list[dict[str, Any]] = []
+        self.transforms: list[Any] = []
+
+    # -- transforms ------------------------------------------------------------------------
+
+    def register_transform(self, transform: Any) -> None:
+        """The engine runs resource transforms on every registration; the mock monitor does
+        not, so the mocks do it (in `new_resource`), in the order they were registered."""
+        self.transforms.append(transform)
+
+    def _transformed(self, args: MockResourceArgs) -> dict[str, Any]:
+        props = dict(args.inputs)
+        for transform in self.transforms:
+            result = transform(pulumi.ResourceTransformArgs(
+                bool(args.custom), args.typ, args.name, props, pulumi.ResourceOptions()))
+            if result is not None:
+                props = dict(result.props)
+        return props
 
     # -- resources -------------------------------------------------------------------------
 
     def new_resource(self, args: MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         secret_paths: list[str] = []
-        inputs = _plain(args.inputs, "", secret_paths)
+        transformed = self._transformed(args)
+        inputs = _plain(transformed, "", secret_paths)
         resource_id, outputs = self._outputs(args.typ, args.name, inputs)
         self.resources.append({
             "type": args.typ,
@@ -100,7 +121,7 @@ class RecordingMocks(Mocks):
         })
         # A remote component's outputs are not its inputs (awsx's Vpc takes natGateways as a
         # strategy and returns NatGateway resources): answer with the outputs alone.
-        state = {} if args.typ.startswith("awsx:") else dict(args.inputs)
+        state = {} if args.typ.startswith("awsx:") else dict(transformed)
         state.update(outputs)
         for key in SECRET_OUTPUTS.get(args.typ, ()):
             if key in state and not _is_secret(state[key]):
@@ -308,11 +329,18 @@ def evaluate(stack: str, overrides: dict[str, str] | None = None) -> dict[str, A
         }
         return None
 
+    # Client-side on purpose: it needs the parent Resource object, which an engine transform
+    # only sees as a URN (and the mock monitor passes it no options at all).
     pulumi.runtime.register_stack_transformation(record_options)
     error: str | None = None
     outputs: dict[str, Any] = {}
     try:
-        runpy.run_path(str(ROOT / "infra"), run_name="__main__")
+        # Inside the event loop, as Pulumi's Python entry point runs a program: resource
+        # transforms (register_resource_transform) need a running loop to register.
+        async def program() -> None:
+            runpy.run_path(str(ROOT / "infra"), run_name="__main__")
+
+        _sync_await(program())
         _sync_await(wait_for_rpcs())
     except Exception as exc:  # the summary reports it; the tests assert on it
         error = f"{type(exc).__name__}: {exc}"
