@@ -39,6 +39,17 @@ RUN groupadd --system --gid 10001 audit \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin audit
 COPY --from=build /opt/audit /opt/audit
+# The RDS global CA bundle, the default of AUDIT_DATABASE_CA_FILE (audit_worker.tls): the
+# database URL says sslmode=verify-full, and HOME=/tmp holds no ~/.postgresql/root.crt.
+# Pinned by SHA-256 (bundle of 108 CA certificates, 165,408 bytes, as AWS published it in
+# 2025): when AWS changes the bundle this step fails with a checksum mismatch, and the
+# pin is updated after review (docs/guides/deployment-patterns.md, "TLS to RDS and
+# ElastiCache"). ADD from a URL writes mode 0600: --chmod lets uid 10001 read it.
+# Redis (rediss://) uses the system trust store of the base image (ca-certificates).
+ADD --checksum=sha256:e5bb2084ccf45087bda1c9bffdea0eb15ee67f0b91646106e466714f9de3c7e3 \
+    --chmod=0444 \
+    https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem \
+    /etc/ssl/certs/rds-global-bundle.pem
 # AUDIT_LOCAL_KEY_DIR is only read by the local key backend (dev): ephemeral under /tmp.
 # Production uses AUDIT_KEY_BACKEND=kms and keeps no key material in the container.
 ENV PATH=/opt/audit/bin:$PATH \

@@ -56,6 +56,10 @@ REDIS_URL_KEY = "redis-url"
 MIGRATION_SECRET = "audit-worker-migration"
 """Created once by the operator, never by Pulumi: it holds MIGRATION_DATABASE_URL_KEY."""
 MIGRATION_DATABASE_URL_KEY = "migration-database-url"
+RDS_CA_FILE = "/etc/ssl/certs/rds-global-bundle.pem"
+"""Where the image installs the RDS global CA bundle (Dockerfile; the worker's default
+``database_ca_file``): the stacks' URLs say ``sslmode=verify-full``. Redis (ElastiCache)
+needs no file: its certificates chain to a public CA in the image's system trust store."""
 SLOTS: tuple[str, str] = ("blue", "green")
 FAILURE_THRESHOLD = 3
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -157,6 +161,7 @@ def chart_values(
                 settings.archive is not None and settings.archive.detach_verified_months
             ),
         },
+        "tls": {"databaseCaFile": RDS_CA_FILE, "redisCaFile": ""},
         "secrets": {
             "existingSecret": CONNECTIONS_SECRET,
             "databaseUrlKey": DATABASE_URL_KEY,

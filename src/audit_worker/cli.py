@@ -12,13 +12,14 @@ from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from audit_worker import logs
+from audit_worker import logs, tls
 from audit_worker.config import WorkerSettings, load_settings
 from audit_worker.db import migrate as migrations
 from audit_worker.errors import AuditError
@@ -44,6 +45,29 @@ OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json"
 DbOpt = Annotated[
     str | None,
     typer.Option("--database-url", envvar="AUDIT_DATABASE_URL", help="PostgreSQL URL"),
+]
+DbCaOpt = Annotated[
+    Path,
+    typer.Option(
+        "--database-ca-file", envvar="AUDIT_DATABASE_CA_FILE",
+        help="CA bundle (PEM) that signed the database's certificate, read when the URL "
+        "has sslmode=verify-full or verify-ca (default: the RDS bundle in the image)",
+    ),
+]
+
+
+class Auth(StrEnum):
+    password = "password"
+    iam = "iam"
+
+
+AuthOpt = Annotated[
+    Auth,
+    typer.Option("--database-auth", envvar="AUDIT_DATABASE_AUTH",
+                 help="password: the URL's; iam: an RDS IAM token per connection"),
+]
+RegionOpt = Annotated[
+    str, typer.Option("--aws-region", envvar="AUDIT_AWS_REGION", help="AWS region (iam)")
 ]
 
 
@@ -158,15 +182,24 @@ def openapi() -> None:
 @app.command()
 def migrate(
     database_url: DbOpt = None,
+    database_ca_file: DbCaOpt = tls.DEFAULT_DATABASE_CA_FILE,
+    database_auth: AuthOpt = Auth.password,
+    aws_region: RegionOpt = "us-east-1",
     allow_contract: bool = typer.Option(False, help="also apply contract migrations"),
     check: bool = typer.Option(False, help="only report; exit 1 when migrations are pending"),
     output: OutputOpt = Output.text,
 ) -> None:
     """Apply versioned schema migrations, refusing when an applied one was changed."""
+    from audit_worker.db.credentials import connect_password
+
     url = _need_db(database_url)
+    try:
+        password = connect_password(url, database_auth.value, region=aws_region)
+    except AuditError as exc:
+        raise _fail(str(exc)) from None
 
     async def go() -> tuple[list[int], list[migrations.Migration]]:
-        conn = await asyncpg.connect(url)
+        conn = await tls.connect(url, ca_file=database_ca_file, password=password)
         try:
             if check:
                 state = await migrations.status(conn)
@@ -189,6 +222,77 @@ def migrate(
         console.print(f"applied {len(done)} migration(s): {done or 'schema already current'}")
     if check and pending:
         raise typer.Exit(1)
+
+
+@app.command()
+def bootstrap(
+    master_url: Annotated[str | None, typer.Option(
+        "--master-url", envvar="AUDIT_BOOTSTRAP_DATABASE_URL",
+        help="URL of the instance's database as the master login; with --master-secret-arn "
+        "its login and password come from that secret")] = None,
+    master_secret_arn: Annotated[str | None, typer.Option(
+        "--master-secret-arn", envvar="AUDIT_MASTER_SECRET_ARN",
+        help="the RDS-managed master secret (Secrets Manager)")] = None,
+    database_ca_file: DbCaOpt = tls.DEFAULT_DATABASE_CA_FILE,
+    database_auth: AuthOpt = Auth.iam,
+    aws_region: RegionOpt = "us-east-1",
+    migrator: str = typer.Option("auditlog_migrator", help="the migration login"),
+    worker: str = typer.Option("audit_worker", help="the worker login"),
+    archiver: bool = typer.Option(False, envvar="AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS",
+                                  help="grant audit_archiver (months are detached)"),
+    output: OutputOpt = Output.text,
+) -> None:
+    """Create the migration and worker logins and their roles, as the master login.
+
+    Idempotent: the chart's migration Job runs it before every migration. With
+    --database-auth iam the logins get rds_iam and no password; with password (the local
+    platform) their passwords come from AUDIT_BOOTSTRAP_MIGRATOR_PASSWORD and
+    AUDIT_BOOTSTRAP_WORKER_PASSWORD, never from the command line."""
+    import os
+
+    from audit_worker.db import bootstrap as boot
+
+    if not master_url:
+        raise _fail("no master database: pass --master-url or set AUDIT_BOOTSTRAP_DATABASE_URL")
+    try:
+        logins = boot.Logins(database=urlsplit(master_url).path.lstrip("/") or "audit",
+                             migrator=migrator, worker=worker)
+        url = (boot.master_url_from_secret(master_url, master_secret_arn, region=aws_region)
+               if master_secret_arn else master_url)
+    except AuditError as exc:
+        raise _fail(str(exc)) from None
+    passwords: dict[str, str] | None = None
+    if database_auth is Auth.password:
+        names = {migrator: "AUDIT_BOOTSTRAP_MIGRATOR_PASSWORD",
+                 worker: "AUDIT_BOOTSTRAP_WORKER_PASSWORD"}
+        missing = [var for var in names.values() if not os.environ.get(var)]
+        if missing:
+            raise _fail(f"--database-auth password needs {' and '.join(missing)}")
+        passwords = {login: os.environ[var] for login, var in names.items()}
+
+    async def go() -> list[str]:
+        conn = await tls.connect(url, ca_file=database_ca_file)
+        try:
+            before = await boot.existing_roles(conn, logins)
+            await boot.bootstrap(conn, logins, auth=database_auth.value, archiver=archiver,
+                                 passwords=passwords)
+            return sorted(await boot.existing_roles(conn, logins) - before)
+        finally:
+            await conn.close()
+
+    try:
+        created = asyncio.run(go())
+    except AuditError as exc:
+        raise _fail(str(exc), 1) from None
+    except asyncpg.PostgresError as exc:
+        # The server's message names a role or privilege, never a password.
+        raise _fail(f"bootstrap refused by PostgreSQL ({exc.sqlstate}): {exc}", 1) from None
+    if output is Output.json:
+        _emit(output, {"created": created, "auth": database_auth.value,
+                       "logins": [migrator, worker]})
+    else:
+        console.print(f"bootstrap done ({database_auth.value}): created "
+                      f"{', '.join(created) or 'nothing (all roles existed)'}")
 
 
 def _trusted_keys(public_key: list[Path] | None, trusted_keys: Path | None) -> Any:
@@ -237,6 +341,7 @@ def verify(
         ),
     ] = None,
     database_url: DbOpt = None,
+    database_ca_file: DbCaOpt = tls.DEFAULT_DATABASE_CA_FILE,
     log_id: str | None = typer.Option(
         None, help="required: the log id every tree head must name (the workers' AUDIT_LOG_ID)"
     ),
@@ -269,20 +374,24 @@ def verify(
     witnessed, forged = _read_witness(witness, trusted, log_id) if witness else (None, [])
 
     async def go() -> Any:
-        conn = await asyncpg.connect(url)
+        conn = await tls.connect(url, ca_file=database_ca_file)
         try:
             if archive is not None:
                 return await _verify_archive(conn, archive, trusted, log_id, dsn=url,
                                              workers=workers, witness=witnessed,
-                                             allow_unsigned_tail=allow_unsigned_tail)
+                                             allow_unsigned_tail=allow_unsigned_tail,
+                                             ca_file=database_ca_file)
             return await verify_log(
                 conn, trusted, log_id=log_id, allow_unsigned_tail=allow_unsigned_tail,
-                dsn=url, workers=workers, witness=witnessed,
+                dsn=url, workers=workers, witness=witnessed, ca_file=database_ca_file,
             )
         finally:
             await conn.close()
 
-    report = asyncio.run(go())
+    try:
+        report = asyncio.run(go())
+    except AuditError as exc:  # TlsError: the message names the setting to fix
+        raise _fail(str(exc)) from None
     if witness:
         from audit_worker.verify import note_witness_read
 
@@ -377,7 +486,8 @@ def search_key(
     settings = _settings(config)
 
     async def go() -> str:
-        pool = await service.open_pool(settings.database_url.get_secret_value(), size=1)
+        pool = await service.open_pool(settings.database_url.get_secret_value(), size=1,
+                                       ca_file=settings.database_ca_file)
         try:
             wrapper, _ = build_keys(settings)
             key = await service.load_hmac_key(LogStore(pool, settings.log_id), wrapper)
@@ -401,6 +511,7 @@ def public_key_cmd(config: ConfigOpt = None) -> None:
 def prove(
     event_id: Annotated[uuid.UUID, typer.Argument(help="event to prove")],
     database_url: DbOpt = None,
+    database_ca_file: DbCaOpt = tls.DEFAULT_DATABASE_CA_FILE,
     tree_size: int | None = typer.Option(None, help="tree size (default: latest tree head)"),
     archive: str | None = typer.Option(
         None, "--archive", help="archive (s3://bucket/prefix or a directory) to take the leaves "
@@ -426,12 +537,12 @@ def prove(
         if not log_id:
             raise _fail("--archive needs --log-id (the workers' AUDIT_LOG_ID)")
         data = asyncio.run(_prove_archived(url, archive, _trusted_keys(public_key, trusted_keys),
-                                           log_id, event_id, tree_size))
+                                           log_id, event_id, tree_size, database_ca_file))
         _emit(Output.json, data) if output is Output.json else console.print(data)
         return
 
     async def go() -> dict[str, Any]:
-        pool = await open_pool(url, size=1)
+        pool = await open_pool(url, size=1, ca_file=database_ca_file)
         try:
             store = LogStore(pool, "")
             size = tree_size
@@ -458,13 +569,14 @@ def prove(
 
 
 async def _prove_archived(
-    url: str, archive: str, trusted: Any, log_id: str, event_id: uuid.UUID, size: int | None
+    url: str, archive: str, trusted: Any, log_id: str, event_id: uuid.UUID, size: int | None,
+    ca_file: Path = tls.DEFAULT_DATABASE_CA_FILE,
 ) -> dict[str, Any]:
     from audit_worker.archive import BundleError
     from audit_worker.archive.reader import prove_archived
     from audit_worker.objectstore import ObjectStoreError, open_store
 
-    conn = await asyncpg.connect(url)
+    conn = await tls.connect(url, ca_file=ca_file)
     try:
         if size is None:
             size = await conn.fetchval("SELECT max(tree_size) FROM audit.tree_heads")
@@ -543,7 +655,8 @@ def archive_export(
         console.print(f"{m:%Y-%m}: {done}/{total} rows exported", highlight=False)
 
     async def go() -> list[Any]:
-        pool = await open_pool(settings.database_url.get_secret_value(), size=2)
+        pool = await open_pool(settings.database_url.get_secret_value(), size=2,
+                               ca_file=settings.database_ca_file)
         try:
             _, signer = build_keys(settings)
             exporter = await build_exporter(settings, pool, signer, detach=detach,
@@ -652,6 +765,7 @@ def dead_letters_list(
     until: UntilOpt = None,
     limit: int | None = typer.Option(None, min=1, help="at most this many, newest first"),
     database_url: DbOpt = None,
+    database_ca_file: DbCaOpt = tls.DEFAULT_DATABASE_CA_FILE,
     output: OutputOpt = Output.text,
 ) -> None:
     """List dead letters, newest first: reason, deliveries and whether they were replayed.
@@ -662,7 +776,7 @@ def dead_letters_list(
     url = _need_db(database_url)
 
     async def go() -> list[DeadLetterRow]:
-        conn = await asyncpg.connect(url)
+        conn = await tls.connect(url, ca_file=database_ca_file)
         try:
             return await list_dead_letters(conn, selection)
         finally:
@@ -694,6 +808,7 @@ def dead_letters_show(
     ),
     config: ConfigOpt = None,
     database_url: DbOpt = None,
+    database_ca_file: DbCaOpt = tls.DEFAULT_DATABASE_CA_FILE,
     output: OutputOpt = Output.text,
 ) -> None:
     """Show one dead letter. With --decrypt --i-understand-this-shows-phi, unwrap its data
@@ -718,7 +833,7 @@ def dead_letters_show(
     url = settings.database_url.get_secret_value() if settings else _need_db(database_url)
 
     async def go() -> tuple[DeadLetterRow, bytes | None]:
-        conn = await asyncpg.connect(url)
+        conn = await tls.connect(url, ca_file=database_ca_file)
         try:
             (row,) = await list_dead_letters(conn, Selection(ids=(dead_letter_id,)))
             if settings is None:
@@ -797,8 +912,10 @@ def dead_letters_replay(
 
     async def go() -> ReplayReport:
         wrapper, _ = await asyncio.to_thread(build_keys, settings)
-        conn = await asyncpg.connect(settings.database_url.get_secret_value())
-        redis = redis_client(settings.redis_url.get_secret_value())
+        conn = await tls.connect(settings.database_url.get_secret_value(),
+                                 ca_file=settings.database_ca_file)
+        redis = redis_client(settings.redis_url.get_secret_value(),
+                             ca_file=settings.redis_ca_file)
         try:
             return await replay(
                 conn, redis, selection, PayloadOpener(wrapper), stream=settings.stream,

@@ -24,7 +24,9 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from audit_worker.db.credentials import DatabaseAuth, iam_provider_for_url
 from audit_worker.errors import ConfigurationError
+from audit_worker.tls import DEFAULT_DATABASE_CA_FILE
 
 Slot = Literal["blue", "green"]
 
@@ -40,6 +42,9 @@ class WorkerSettings(BaseSettings):
     environment: str = "local"
     log_id: str = Field(default="audit-log", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     database_url: SecretStr
+    # password: the URL's own. iam (the AWS stacks): the URL names the login only and each
+    # new connection signs an RDS IAM token (audit_worker.db.credentials).
+    database_auth: DatabaseAuth = "password"
     redis_url: SecretStr
     slot: Slot | None = None
     consumer_name: str = Field(default_factory=lambda: socket.gethostname())
@@ -108,6 +113,12 @@ class WorkerSettings(BaseSettings):
     # The statement bound is a backstop behind the command timeout, so never below it.
     database_statement_timeout_seconds: float = Field(default=120.0, ge=1, le=3600)
     database_idle_in_transaction_timeout_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # TLS roots (audit_worker.tls). The database's CA is read when database_url asks for
+    # sslmode=verify-full or verify-ca; the default is the RDS global bundle the image
+    # ships. Redis' CA (rediss://) is added to the system trust store; unset, that store
+    # alone (ElastiCache's certificates chain to a public CA).
+    database_ca_file: Path = DEFAULT_DATABASE_CA_FILE
+    redis_ca_file: Path | None = None
     # Blue-green: poll interval of an idle worker; whether a worker may create the control
     # key (naming its own slot, epoch 1) when it does not exist yet.
     slot_poll_seconds: float = Field(default=0.1, gt=0, le=10)
@@ -196,7 +207,7 @@ class WorkerSettings(BaseSettings):
             return self.archive_url
         return f"s3://{self.archive_bucket}/" if self.archive_bucket else None
 
-    @field_validator("trusted_keys_file", mode="before")
+    @field_validator("trusted_keys_file", "redis_ca_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
         # The Helm chart always sets the variable, empty when not used.
@@ -239,6 +250,16 @@ class WorkerSettings(BaseSettings):
     def _retry_bounds(self) -> WorkerSettings:
         if self.retry_max_seconds < self.retry_initial_seconds:
             raise ValueError("retry_max_seconds must be >= retry_initial_seconds")
+        return self
+
+    @model_validator(mode="after")
+    def _iam_url(self) -> WorkerSettings:
+        if self.database_auth == "iam":
+            try:
+                iam_provider_for_url(self.database_url.get_secret_value(),
+                                     region=self.aws_region)
+            except ConfigurationError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
     AuditError
     ├── ConfigurationError        settings missing or invalid; fix the setting named
+    │   └── TlsError              a TLS certificate check failed or cannot be set up
     ├── DependencyError           PostgreSQL, Redis or KMS unreachable; transient, retried
     │   ├── DatabaseUnavailable
     │   ├── RedisUnavailable
@@ -31,6 +32,11 @@ class AuditError(Exception):
 
 class ConfigurationError(AuditError):
     """A setting is missing or invalid. The message names the setting and the fix."""
+
+
+class TlsError(ConfigurationError):
+    """TLS to PostgreSQL or Redis failed its certificate check, or its CA file is missing.
+    Waiting does not fix it: the message names the CA setting (or the URL's host) to fix."""
 
 
 class DependencyError(AuditError):

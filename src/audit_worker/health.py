@@ -37,8 +37,10 @@ from typing import Any, Literal
 import asyncpg
 from redis.asyncio import Redis
 
+from audit_worker import tls
 from audit_worker.config import WorkerSettings
 from audit_worker.db import migrate as migrations
+from audit_worker.db.credentials import settings_password
 from audit_worker.resilience import BreakerState, CircuitBreaker, Dependency, describe_error
 from audit_worker.slots import SlotDecision
 
@@ -162,8 +164,10 @@ class HealthChecks:
             async with pool.acquire(timeout=PING_TIMEOUT) as pooled:
                 await pooled.fetchval("SELECT 1", timeout=PING_TIMEOUT)
         else:
-            conn = await asyncpg.connect(
-                self.settings.database_url.get_secret_value(), timeout=PING_TIMEOUT
+            conn = await tls.connect(
+                self.settings.database_url.get_secret_value(), timeout=PING_TIMEOUT,
+                password=settings_password(self.settings),
+                ca_file=self.settings.database_ca_file,
             )
             try:
                 await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
@@ -219,7 +223,9 @@ class HealthChecks:
         if pool is not None:
             async with pool.acquire(timeout=3) as pooled:
                 return await self._inspect_database(pooled)
-        conn = await asyncpg.connect(self.settings.database_url.get_secret_value(), timeout=3)
+        conn = await tls.connect(self.settings.database_url.get_secret_value(), timeout=3,
+                                 password=settings_password(self.settings),
+                                 ca_file=self.settings.database_ca_file)
         try:
             return await self._inspect_database(conn)
         finally:

@@ -37,6 +37,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
@@ -45,6 +46,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from audit_worker import tls
 from audit_worker.config import WorkerSettings
 from audit_worker.crypto import (
     DataKeyManager,
@@ -55,6 +57,7 @@ from audit_worker.crypto import (
     SignatureError,
     TrustedKeys,
 )
+from audit_worker.db.credentials import IamTokenProvider, settings_password
 from audit_worker.db.migrate import require_current
 from audit_worker.db.spool import IntakeSpool, SpoolOpener
 from audit_worker.db.store import LogStore, verify_dead_letter_chain
@@ -102,13 +105,15 @@ async def open_pool(
     size: int = 4,
     command_timeout: float | None = None,
     server_settings: dict[str, str] | None = None,
+    password: IamTokenProvider | None = None,
+    ca_file: Path = tls.DEFAULT_DATABASE_CA_FILE,
 ) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        database_url, min_size=1, max_size=size, command_timeout=command_timeout,
-        server_settings=server_settings,
+    # password: None uses the URL's; a token provider is called for every new connection.
+    # ca_file: the CA when the URL asks for sslmode=verify-full (audit_worker.tls).
+    return await tls.create_pool(
+        database_url, ca_file=ca_file, min_size=1, max_size=size,
+        command_timeout=command_timeout, server_settings=server_settings, password=password,
     )
-    assert pool is not None
-    return pool
 
 
 def session_timeouts(settings: WorkerSettings) -> dict[str, str]:
@@ -122,11 +127,15 @@ def session_timeouts(settings: WorkerSettings) -> dict[str, str]:
     }
 
 
-def redis_client(url: str, *, socket_timeout: float = 5.0) -> Redis:
+def redis_client(
+    url: str, *, socket_timeout: float = 5.0, ca_file: Path | None = None
+) -> Redis:
     """A Redis client that fails fast (one quick internal retry): the worker's own retry
-    with backoff and its circuit breaker decide what happens next."""
+    with backoff and its circuit breaker decide what happens next. ``rediss://`` checks
+    the certificate and host name against `ca_file` and the system trust store."""
     return Redis.from_url(
         url,
+        **tls.redis_options(url, ca_file),
         decode_responses=False,
         socket_timeout=socket_timeout,
         socket_connect_timeout=2.0,
@@ -162,10 +171,13 @@ async def assemble(
         size=settings.database_pool_size,
         command_timeout=settings.database_command_timeout_seconds,
         server_settings=session_timeouts(settings),
+        password=settings_password(settings),
+        ca_file=settings.database_ca_file,
     )
     # The socket timeout must outlast a blocking XREADGROUP.
     redis = redis_client(
-        settings.redis_url.get_secret_value(), socket_timeout=settings.block_ms / 1000 + 5
+        settings.redis_url.get_secret_value(), socket_timeout=settings.block_ms / 1000 + 5,
+        ca_file=settings.redis_ca_file,
     )
     try:
         async with pool.acquire(timeout=settings.database_acquire_timeout_seconds) as conn:
@@ -243,7 +255,9 @@ class Service:
             )
             for name in DEPENDENCIES
         }
-        self.redis = redis_client(settings.redis_url.get_secret_value())
+        self.redis = redis_client(
+            settings.redis_url.get_secret_value(), ca_file=settings.redis_ca_file
+        )
         self.gate = (
             SlotGate(settings.slot, settings.control_key, bootstrap=settings.slot_bootstrap)
             if settings.slot is not None
@@ -414,6 +428,15 @@ class Service:
                 problem = f"key service: {describe_error(exc)}"
                 self.breakers["kms"].record_failure(describe_error(exc))
             except Exception as exc:
+                if (tls_failure := tls.startup_failure(exc, s)) is not None:
+                    # A certificate that does not verify does not fix itself: say which
+                    # setting to fix, look again now and then (a mounted CA may change).
+                    problem = str(tls_failure)
+                    self.status.startup_problem = problem
+                    log.critical("TLS failed: the worker cannot start until it is fixed",
+                                 error=problem)
+                    await sleep_or_stop(stop, s.configuration_recheck_seconds)
+                    continue
                 if postgres_error_kind(exc) == "halt":
                     # Wrong password, missing database or grant: waiting with backoff
                     # will not fix it; say so loudly and look again now and then.

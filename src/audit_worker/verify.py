@@ -18,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
 
+from audit_worker import tls
 from audit_worker.crypto import TreeHead, TrustedKeys
 from audit_worker.crypto.checkpoint import Checkpoint
 from audit_worker.deadletter_chain import GENESIS, ChainChecker
@@ -422,9 +424,9 @@ async def _check_chunk(
 
 
 async def _check_chunk_in_snapshot(
-    dsn: str, snapshot: str, lo: int, hi: int, signed_sizes: list[int]
+    dsn: str, snapshot: str, lo: int, hi: int, signed_sizes: list[int], ca_file: Path
 ) -> _Chunk:
-    conn = await asyncpg.connect(dsn)
+    conn = await tls.connect(dsn, ca_file=ca_file)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
@@ -435,10 +437,10 @@ async def _check_chunk_in_snapshot(
 
 
 def _check_chunk_process(
-    dsn: str, snapshot: str, lo: int, hi: int, signed_sizes: list[int]
+    dsn: str, snapshot: str, lo: int, hi: int, signed_sizes: list[int], ca_file: Path
 ) -> _Chunk:
     """Entry point of a worker process: one index range, in the coordinator's snapshot."""
-    return asyncio.run(_check_chunk_in_snapshot(dsn, snapshot, lo, hi, signed_sizes))
+    return asyncio.run(_check_chunk_in_snapshot(dsn, snapshot, lo, hi, signed_sizes, ca_file))
 
 
 class _Assembler:
@@ -526,6 +528,7 @@ async def _check_all(
     dsn: str | None,
     workers: int,
     start: CompactRange | None = None,
+    ca_file: Path = tls.DEFAULT_DATABASE_CA_FILE,
 ) -> int:
     """Check every row (from `start` on, when the first months left the database);
     returns the size of the log (one past the highest index)."""
@@ -546,7 +549,9 @@ async def _check_all(
         context = multiprocessing.get_context("spawn")  # never fork a running event loop
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [
-                loop.run_in_executor(pool, _check_chunk_process, dsn, snapshot, lo, hi, sizes)
+                loop.run_in_executor(
+                    pool, _check_chunk_process, dsn, snapshot, lo, hi, sizes, ca_file
+                )
                 for lo, hi, sizes in plan
             ]
             # This connection is idle while the processes check chunks: the server
@@ -850,6 +855,7 @@ async def verify_log(
     workers: int = 1,
     start: CompactRange | None = None,
     witness: WitnessedCheckpoint | None = None,
+    ca_file: Path = tls.DEFAULT_DATABASE_CA_FILE,
 ) -> VerifyReport:
     """Verify the whole log and its dead letters in one consistent snapshot.
 
@@ -870,7 +876,8 @@ async def verify_log(
 
     With `dsn` and `workers` > 1, the per-row checks of large logs run in that many
     processes, each reading an index range in the same snapshot; the tree is still built
-    here, in order.
+    here, in order; they connect with the same TLS checks, against `ca_file` (see
+    `audit_worker.tls`).
     """
     started = time.perf_counter()
     report = VerifyReport()
@@ -884,7 +891,7 @@ async def verify_log(
         if start is None:
             start = await _detached_start(conn, trusted, log_id, roots, out)
         compared = witness is not None and _add_witness(roots, witness, start, out)
-        size = await _check_all(conn, roots, out, dsn, workers, start)
+        size = await _check_all(conn, roots, out, dsn, workers, start, ca_file)
         await _check_dead_letters(conn, out)
         if witness is None:
             report.limits.insert(0, _NO_WITNESS_ROWS)

@@ -66,6 +66,8 @@ WORKER_ENV = {
     "AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS",
     "AUDIT_LOG_FORMAT",
     "AUDIT_SHUTDOWN_GRACE_SECONDS",
+    "AUDIT_DATABASE_CA_FILE",
+    "AUDIT_REDIS_CA_FILE",
     "AUDIT_DATABASE_URL",
     "AUDIT_REDIS_URL",
 }
@@ -1091,6 +1093,8 @@ def test_schema_rejects_bad_extra_env(extra: tuple[str, ...], key: str) -> None:
         ("AUDIT_HTTP_HOST", "0.0.0.0"),
         ("AUDIT_LOG_FORMAT", "json"),
         ("AUDIT_CONSUMER_NAME", "own Redis consumer"),
+        ("AUDIT_DATABASE_CA_FILE", "tls.databaseCaFile"),
+        ("AUDIT_REDIS_CA_FILE", "tls.redisCaFile"),
         ("AUDIT_DATABASE_URL", "secrets.databaseUrlKey"),
         ("AUDIT_REDIS_URL", "secrets.redisUrlKey"),
         ("AUDIT_INTAKE_TOKENS", "secrets.intakeTokensKey"),

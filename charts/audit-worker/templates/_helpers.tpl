@@ -196,6 +196,10 @@ rendered. extraEnv comes last; _validate.tpl refuses any name set here.
   value: {{ .Values.aws.archiveDetachVerifiedMonths | toString | quote }}
 - name: AUDIT_LOG_FORMAT
   value: "json"
+- name: AUDIT_DATABASE_CA_FILE
+  value: {{ .Values.tls.databaseCaFile | quote }}
+- name: AUDIT_REDIS_CA_FILE
+  value: {{ .Values.tls.redisCaFile | quote }}
 - name: AUDIT_REDIS_URL
   valueFrom:
     secretKeyRef:
@@ -272,6 +276,8 @@ AUDIT_AWS_REGION: "set aws.region instead"
 AUDIT_ARCHIVE_BUCKET: "set aws.archiveBucket instead"
 AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS: "set aws.archiveDetachVerifiedMonths instead"
 AUDIT_LOG_FORMAT: "the chart always logs json"
+AUDIT_DATABASE_CA_FILE: "set tls.databaseCaFile instead"
+AUDIT_REDIS_CA_FILE: "set tls.redisCaFile instead"
 AUDIT_CONSUMER_NAME: "each pod must be its own Redis consumer; the worker uses the pod's host name"
 AUDIT_DATABASE_URL: "it is secret: put it in the Secret (secrets.databaseUrlKey, secrets.migrationDatabaseUrlKey)"
 AUDIT_REDIS_URL: "it is secret: put it in the Secret (secrets.redisUrlKey)"

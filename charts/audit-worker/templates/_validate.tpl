@@ -28,6 +28,12 @@ templates by another path.
 
 {{- $_ := required "\n\nsecrets.existingSecret is empty: the chart holds no secret values and reads AUDIT_DATABASE_URL and AUDIT_REDIS_URL from an existing Secret.\nFix: --set secrets.existingSecret=<name of the Secret with keys database-url and redis-url>" (.Values.secrets.existingSecret | default "" | toString | trim) }}
 
+{{- range $key := list "databaseCaFile" "redisCaFile" }}
+{{- if hasPrefix "/tmp/" (toString (index $.Values.tls $key)) }}
+{{- fail (printf "\n\ntls.%s is under /tmp, which the chart mounts as an empty emptyDir: the CA file would not be there.\nFix: put the CA bundle in the image outside /tmp (e.g. /etc/ssl/certs/<file>.pem) and --set tls.%s=/etc/ssl/certs/<file>.pem" $key $key) }}
+{{- end }}
+{{- end }}
+
 {{- if eq .Values.keys.backend "kms" }}
 {{- if not .Values.keys.kmsDataKeyId }}
 {{- fail "\n\nkeys.kmsDataKeyId is empty but keys.backend is kms.\nFix: --set keys.kmsDataKeyId=<KMS key id, ARN or alias>" }}

@@ -370,6 +370,11 @@ class PostgresServer:
     ``keep``: ``None`` (default) removes the temp dirs on :meth:`stop` and the data dir
     too unless the caller supplied ``data_dir``; ``True`` removes nothing; ``False``
     removes everything, including a caller-supplied ``data_dir``.
+
+    ``tls``: a (certificate chain, private key) pair of PEM files: the server then serves
+    TLS (``ssl = on``) with them, as RDS does. Copied into the server's own directory,
+    owned by the account it runs as with mode 0600 (PostgreSQL refuses a key others can
+    read). Clients may still connect without TLS: what they verify is up to them.
     """
 
     def __init__(
@@ -380,8 +385,10 @@ class PostgresServer:
         fast: bool = True,
         keep: bool | None = None,
         bin_dir: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self._bin_dir = bin_dir if bin_dir is not None else find_pg_bindir()
+        self._tls_source = tls
         self._port_fixed = port is not None
         self._port = port if port is not None else free_port()
         self._user_data_dir = data_dir
@@ -526,7 +533,23 @@ class PostgresServer:
         }
         if self.fast:
             settings.update(fsync="off", synchronous_commit="off")
+        if self._tls_source is not None:
+            tls_dir = self._base_dir / "tls"
+            settings.update(ssl="on", ssl_cert_file=f"'{tls_dir / 'server.crt'}'",
+                            ssl_key_file=f"'{tls_dir / 'server.key'}'",
+                            ssl_min_protocol_version="'TLSv1.2'")
         return settings
+
+    def _install_tls(self) -> None:
+        if self._tls_source is None:
+            return
+        tls_dir = self._base_dir / "tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        for source, name in zip(self._tls_source, ("server.crt", "server.key"), strict=True):
+            target = tls_dir / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+        self._chown(tls_dir)
 
     def _write_settings(self) -> None:
         path = self.data_dir / _PG_CONF_INCLUDE
@@ -571,6 +594,7 @@ class PostgresServer:
         self._prepare_dirs()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
+        self._install_tls()
         self._write_settings()
         self._remove_stale_lockfiles()
         attempts = 1 if self._port_fixed or self._started else 3
