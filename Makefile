@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-helm.sh scripts/install-checkov.sh scripts/install-promtool.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,infra]'
 	bash scripts/install-helm.sh >/dev/null
+	# Scanners for the chart and the alert rules (tests/chart, tests/monitoring).
+	bash scripts/install-checkov.sh >/dev/null
+	bash scripts/install-promtool.sh >/dev/null
 	touch $(STAMP)
 
 test: setup

@@ -5,7 +5,8 @@ PostgreSQL with pgaudit and TLS only (in DR: a cross-region read replica of prod
 with TLS and an AUTH token; the S3 archive under Object Lock (COMPLIANCE, 6 years), replicated
 from prod to the DR region; an EKS cluster (or an existing one) with the ``audit`` namespace
 and the worker's IRSA role; the ``charts/audit-worker`` release (blue and green slots); in DR,
-Route 53 failover records. Settings come from ``environments/<environment>.yaml`` and are
+the traffic switch (ARC routing controls and Route 53 failover TXT records, infra/dr.py).
+Settings come from ``environments/<environment>.yaml`` and are
 validated before anything is declared; the release workflow changes only the stack config
 ``activeSlot``, ``blueImage``, ``greenImage`` (and ``previewReplicas``).
 """
@@ -21,8 +22,15 @@ import pulumi
 from infra.archive import Archive, ArchiveArgs, ArchiveReplicaArgs
 from infra.cache import Cache, CacheArgs
 from infra.chart_values import validate_image_tag
-from infra.cluster import Cluster, ClusterArgs, WorkerAccess, existing_cluster_security_group
-from infra.database import Database, DatabaseArgs
+from infra.cluster import (
+    Cluster,
+    ClusterArgs,
+    MigrationAccess,
+    WorkerAccess,
+    existing_cluster_security_group,
+)
+from infra.compliance import Compliance, compliance_args, db_identifier, eks_cluster_name
+from infra.database import MIGRATOR_USERNAME, Database, DatabaseArgs
 from infra.dr import Failover, FailoverArgs, PrimaryStack, primary_worker_password
 from infra.keys import DR_REPLICATED, Keys, KeysArgs
 from infra.network import Network, NetworkArgs
@@ -49,6 +57,7 @@ register_tagging(settings.name)
 # --- DR: the primary (prod) stack ------------------------------------------------------------
 dr = settings.dr if settings.name == "dr" else None
 primary = PrimaryStack(dr.primary_stack) if dr and dr.primary_stack else None
+dr_promoted = bool(dr and dr.promoted)  # dr.mode: promoted (docs/runbooks/dr-drill.md)
 
 # --- 1. Keys ---------------------------------------------------------------------------------
 keys = Keys("keys", KeysArgs(
@@ -70,34 +79,10 @@ network = Network("network", NetworkArgs(
     worker_security_group_id=(
         None if cloud.cluster.create
         else existing_cluster_security_group(str(cloud.cluster.existing_cluster_name))),
+    pod_security_group=cloud.cluster.create and cloud.cluster.pod_security_groups,
 ))
 
-# --- 3. Database (DR: cross-region read replica of prod's) -----------------------------------
-database = Database("database", DatabaseArgs(
-    environment=settings.name,
-    settings=cloud.database,
-    hardened=settings.hardened,
-    subnet_ids=network.private_subnet_ids,
-    security_group_id=network.database_security_group_id,
-    storage_key_arn=keys.database.arn,
-    secrets_key_arn=keys.secrets.arn,
-    replicate_source_db=primary.db_instance_arn if primary else None,
-    worker_password=(primary_worker_password(primary, str(dr.primary_region))
-                     if primary and dr else None),
-))
-
-# --- 4. Cache --------------------------------------------------------------------------------
-cache = Cache("cache", CacheArgs(
-    environment=settings.name,
-    settings=cloud.cache,
-    hardened=settings.hardened,
-    subnet_ids=network.private_subnet_ids,
-    security_group_id=network.cache_security_group_id,
-    storage_key_arn=keys.cache.arn,
-    secrets_key_arn=keys.secrets.arn,
-))
-
-# --- 5. Archive (DR: prod's replica bucket in this region) -----------------------------------
+# --- 2b. Archive (DR: prod's replica bucket in this region) ----------------------------------
 archive: Archive | None = None
 if primary is None:
     if keys.archive is None:
@@ -117,6 +102,41 @@ else:
     archive_bucket, archive_bucket_arn = primary.archive_bucket_name, primary.archive_bucket_arn
     archive_key_arn = primary.archive_key_arn
 
+# --- 2c. HIPAA controls: flow logs, trail, GuardDuty, log groups, backups (infra/compliance.py);
+# before the database and the cluster, which wait for their log groups --------------------------
+compliance = Compliance("compliance", compliance_args(
+    settings, network, archive_bucket_arn, archive))
+
+# --- 3. Database (DR standby: cross-region read replica of prod's; promoted: the same
+# instance without its source) ---------------------------------------------------------------
+database = Database("database", DatabaseArgs(
+    environment=settings.name,
+    settings=cloud.database,
+    hardened=settings.hardened,
+    subnet_ids=network.private_subnet_ids,
+    security_group_id=network.database_security_group_id,
+    storage_key_arn=keys.database.arn,
+    secrets_key_arn=keys.secrets.arn,
+    replicate_source_db=primary.db_instance_arn if primary and not dr_promoted else None,
+    promoted_replica=dr_promoted,
+    # With IAM auth the worker has no password, and DR needs nothing of prod's.
+    worker_password=(primary_worker_password(config, "primaryWorkerPassword")
+                     if primary and not cloud.database.iam_auth else None),
+    identifier=db_identifier(settings.name),
+    log_groups=compliance.database_log_groups,
+))
+
+# --- 4. Cache --------------------------------------------------------------------------------
+cache = Cache("cache", CacheArgs(
+    environment=settings.name,
+    settings=cloud.cache,
+    hardened=settings.hardened,
+    subnet_ids=network.private_subnet_ids,
+    security_group_id=network.cache_security_group_id,
+    storage_key_arn=keys.cache.arn,
+    secrets_key_arn=keys.secrets.arn,
+))
+
 # --- 6. Cluster, namespace and the worker's IRSA role ----------------------------------------
 cluster = Cluster("cluster", ClusterArgs(
     environment=settings.name,
@@ -125,6 +145,7 @@ cluster = Cluster("cluster", ClusterArgs(
     hardened=settings.hardened,
     subnet_ids=network.private_subnet_ids,
     worker_security_group_id=network.worker_security_group_id,
+    worker_pod_security_group_id=network.worker_pod_security_group_id,
     secrets_key_arn=keys.secrets.arn,
     worker_access=WorkerAccess(
         data_key_arn=keys.data.arn,
@@ -132,8 +153,18 @@ cluster = Cluster("cluster", ClusterArgs(
         secrets_key_arn=keys.secrets.arn,
         archive_key_arn=archive_key_arn,
         archive_bucket_arn=archive_bucket_arn,
-        secret_arns=[database.worker_secret_arn, cache.auth_secret_arn],
+        secret_arns=[arn for arn in (database.worker_secret_arn, cache.auth_secret_arn)
+                     if arn is not None],
+        database_login_arn=(database.login_arn(cloud.database.worker_username)
+                            if cloud.database.iam_auth else None),
     ),
+    migration_access=(MigrationAccess(
+        database_login_arn=database.login_arn(MIGRATOR_USERNAME),
+        master_secret_arn=database.master_secret_arn,
+        secrets_key_arn=keys.secrets.arn,
+    ) if cloud.database.iam_auth else None),
+    name=eks_cluster_name(settings.name) if cloud.cluster.create else None,
+    log_groups=compliance.cluster_log_groups,
 ))
 
 # --- 7. Workload: the Helm release (blue and green slots) ------------------------------------
@@ -155,10 +186,16 @@ workload = Workload("workload", WorkloadArgs(
     postgres_cidrs=vpc_cidrs,
     redis_cidrs=vpc_cidrs,
     aws_api_cidrs=vpc_cidrs,
-    primary_replicas=primary.worker_replicas if primary else None,
+    primary_replicas=primary.worker_replicas if primary and not dr_promoted else None,
+    # IAM auth: the Job bootstraps the logins (master secret) and migrates with a token.
+    database_auth="iam" if cloud.database.iam_auth else "password",
+    migration_role_arn=cluster.migration_role_arn,
+    migration_database_url=database.migrator_url() if cloud.database.iam_auth else None,
+    bootstrap_database_url=database.bootstrap_url() if cloud.database.iam_auth else None,
+    master_secret_arn=database.master_secret_arn,
 ))
 
-# --- 8. DR: Route 53 failover (PRIMARY prod, SECONDARY DR) -----------------------------------
+# --- 8. DR: the traffic switch (ARC routing controls; failover TXT records) -------------------
 failover: Failover | None = None
 if primary is not None and dr is not None and dr.dns is not None:
     failover = Failover("failover", FailoverArgs(
@@ -185,6 +222,11 @@ pulumi.export("dbName", database.database_name)
 pulumi.export("dbWorkerUser", database.worker_username)
 pulumi.export("dbWorkerSecretArn", database.worker_secret_arn)
 pulumi.export("dbProtected", database.protected)
+# What auditctl's failback needs to rebuild a read replica in this region (KmsKeyId, ...).
+pulumi.export("dbKmsKeyArn", database.kms_key_arn)
+pulumi.export("dbSubnetGroupName", database.subnet_group_name)
+pulumi.export("dbSecurityGroupIds", database.security_group_ids)
+pulumi.export("dbParameterGroupName", database.parameter_group_name)
 if database.master_secret_arn is not None:
     pulumi.export("dbMasterSecretArn", database.master_secret_arn)
 
@@ -235,11 +277,17 @@ if primary is not None and dr is not None:
     pulumi.export("primaryStack", primary.stack_name)
     pulumi.export("primaryRegion", dr.primary_region)
     pulumi.export("drStrategy", dr.strategy)
+    pulumi.export("drMode", dr.mode)
     pulumi.export("dbReplicaIdentifier", database.identifier)
-    pulumi.export("dbReplicaSourceArn", primary.db_instance_arn)
+    if not dr_promoted:
+        pulumi.export("dbReplicaSourceArn", primary.db_instance_arn)
 if failover is not None:
     pulumi.export("hostedZoneId", failover.hosted_zone_id)
     pulumi.export("hostedZoneName", failover.zone_name)
     pulumi.export("intakeRecordName", failover.intake_record)
     pulumi.export("databaseRecordName", failover.database_record)
-    pulumi.export("healthCheckId", failover.health_check_id)
+    pulumi.export("dnsTtlSeconds", failover.ttl_seconds)
+    pulumi.export("healthCheckIds", failover.health_check_ids)
+    pulumi.export("arcClusterArn", failover.cluster_arn)
+    pulumi.export("arcClusterEndpoints", failover.cluster_endpoints)
+    pulumi.export("routingControlArns", failover.routing_control_arns)

@@ -3,7 +3,9 @@
 Every archive bucket (the primary, and in prod its replica in the DR region) has:
 
 - Object Lock in COMPLIANCE mode with a default retention of ``object_lock_years`` (6 by
-  HIPAA's documentation retention): nobody, root included, can shorten it or delete a version;
+  HIPAA's documentation retention): nobody, root included, can shorten it or delete a version.
+  Only dev may set ``archive.object_lock_mode: GOVERNANCE`` with ``object_lock_days``, so that
+  a dev stack can be torn down;
 - versioning (Object Lock requires it), bucket-owner-enforced ownership (no ACLs);
 - SSE-KMS with the archive key and an S3 bucket key (fewer KMS calls);
 - a public access block with all four settings on;
@@ -141,10 +143,9 @@ class Archive(pulumi.ComponentResource):
             f"{role}-object-lock",
             bucket=bucket.id,
             rule=aws.s3.BucketObjectLockConfigurationRuleArgs(
+                # COMPLIANCE for object_lock_years; dev may use GOVERNANCE for some days.
                 default_retention=aws.s3.BucketObjectLockConfigurationRuleDefaultRetentionArgs(
-                    mode="COMPLIANCE",
-                    years=args.settings.object_lock_years,
-                ),
+                    **args.settings.default_retention()),
             ),
             region=region,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[versioning]),

@@ -60,9 +60,12 @@ RDS_CA_FILE = "/etc/ssl/certs/rds-global-bundle.pem"
 """Where the image installs the RDS global CA bundle (Dockerfile; the worker's default
 ``database_ca_file``): the stacks' URLs say ``sslmode=verify-full``. Redis (ElastiCache)
 needs no file: its certificates chain to a public CA in the image's system trust store."""
+MIGRATION_SERVICE_ACCOUNT = "audit-worker-migrate"
+"""The migration Job's ServiceAccount; `infra.cluster` trusts it in the migration role."""
 SLOTS: tuple[str, str] = ("blue", "green")
 FAILURE_THRESHOLD = 3
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 
 Slot = Literal["blue", "green"]
 
@@ -78,11 +81,32 @@ class WorkerBindings:
     postgres_cidrs: Sequence[str] = field(default_factory=list)
     redis_cidrs: Sequence[str] = field(default_factory=list)
     aws_api_cidrs: Sequence[str] = field(default_factory=list)
+    database_auth: str = "password"
+    """``iam`` when the instance has IAM authentication: the URLs carry no password."""
+    migration_role_arn: str = ""
+    migration_database_url: str = ""
+    bootstrap_database_url: str = ""
+    master_secret_arn: str = ""
+    """The RDS-managed master secret; empty where there is none (a DR replica): then the
+    logins replicated from prod are used and the bootstrap does not run."""
+
+
+def split_image(ref: str) -> tuple[str, str]:
+    """``"1.4.2@sha256:<hex>"`` -> ``("1.4.2", "sha256:<hex>")``; a tag alone -> ``(tag, "")``."""
+    tag, _, digest = ref.partition("@")
+    return tag, digest
 
 
 def validate_image_tag(key: str, tag: str) -> str:
-    """Return ``tag`` if it is an OCI image tag; raise ValueError naming the config key."""
-    if not _TAG.match(tag):
+    """Return ``tag`` if it is an OCI image tag, optionally pinned by a digest
+    (``1.4.2@sha256:<64 hex>``, which checkov's CKV_K8S_43 asks for); raise ValueError
+    naming the config key."""
+    tag_part, digest = split_image(tag)
+    if "@" in tag and not _DIGEST.match(digest):
+        raise ValueError(
+            f"{key}: {tag!r}: the digest after '@' must be sha256:<64 lower-case hex digits>. "
+            f"Fix: pulumi config set {key} <tag>@sha256:<digest>")
+    if not _TAG.match(tag_part):
         raise ValueError(
             f"{key}: {tag!r} is not an image tag (letters, digits, '_', '.', '-'; at most 128; "
             f"not starting with '.' or '-'). Fix: pulumi config set {key} <tag>")
@@ -95,8 +119,11 @@ def service_names(release: str = RELEASE_NAME) -> dict[str, str]:
 
 
 def active_replica_count(settings: EnvironmentSettings, primary_replicas: int | None = None) -> int:
-    """Replicas of the active slot: the setting, or in DR what the strategy calls for."""
+    """Replicas of the active slot: the setting, or in a DR standby what the strategy calls
+    for (a promoted DR runs its own prod-sized setting)."""
     w = settings.worker
+    if settings.dr is not None and settings.dr.promoted:
+        return w.replicas
     if settings.dr is not None and settings.dr.strategy == "pilot-light":
         return 1
     if settings.dr is not None and settings.dr.strategy == "warm-standby" and primary_replicas:
@@ -116,19 +143,24 @@ def chart_values(
 ) -> dict[str, Any]:
     """The chart values for one environment (camelCase, as ``values.schema.json`` wants).
 
-    ``blue_image`` and ``green_image`` are image tags; ``primary_replicas`` is prod's replica
-    count, used by a DR warm standby.
+    ``blue_image`` and ``green_image`` are image tags, each optionally pinned by a digest
+    (``1.4.2@sha256:...``); ``primary_replicas`` is prod's replica count, used by a DR warm
+    standby.
     """
     if active_slot not in SLOTS:
         raise ValueError(f"active_slot must be 'blue' or 'green', got {active_slot!r}")
     if preview_replicas < 0:
         raise ValueError(f"preview_replicas must be >= 0, got {preview_replicas}")
-    tags = {"blue": validate_image_tag("blueImage", blue_image),
+    refs = {"blue": validate_image_tag("blueImage", blue_image),
             "green": validate_image_tag("greenImage", green_image)}
+    tags = {slot: split_image(ref)[0] for slot, ref in refs.items()}
+    digests = {slot: split_image(ref)[1] for slot, ref in refs.items()}
     w = settings.worker
     idle = "green" if active_slot == "blue" else "blue"
-    pilot_light = settings.dr is not None and settings.dr.strategy == "pilot-light"
-    is_dr = settings.name == "dr"
+    pilot_light = (settings.dr is not None and settings.dr.strategy == "pilot-light"
+                   and not settings.dr.promoted)
+    # A DR standby's database is a read-only replica: no migrations until it is promoted.
+    is_dr = settings.name == "dr" and not (settings.dr is not None and settings.dr.promoted)
     active = active_replica_count(settings, primary_replicas)
     idle_replicas = 0 if pilot_light else preview_replicas
     replicas = {active_slot: active, idle: idle_replicas}
@@ -136,14 +168,19 @@ def chart_values(
     multi_az = settings.network is not None and (
         settings.network.availability_zones is None or settings.network.availability_zones > 1)
     # While a preview of a different image runs, the migration Job runs that image (expand).
-    promoting = idle_replicas > 0 and tags[idle] != tags[active_slot]
+    promoting = idle_replicas > 0 and refs[idle] != refs[active_slot]
 
     values: dict[str, Any] = {
         "environment": settings.name,
         "logId": w.log_id,
-        "image": {"repository": w.image_repository, "pullPolicy": "IfNotPresent"},
+        # A digest pins an image for good, so a node's copy is the right one; a tag alone
+        # may have been moved since, so every pod start asks the registry.
+        "image": {"repository": w.image_repository,
+                  "pullPolicy": "IfNotPresent" if all(digests.values()) else "Always"},
         "activeSlot": active_slot,
-        "slots": {slot: {"tag": tags[slot], "replicas": replicas[slot]} for slot in SLOTS},
+        "slots": {slot: {"tag": tags[slot], "replicas": replicas[slot],
+                         **({"digest": digests[slot]} if digests[slot] else {})}
+                  for slot in SLOTS},
         "worker": {
             "batchSize": w.batch_size,
             "signIntervalSeconds": w.sign_interval_seconds,
@@ -177,7 +214,9 @@ def chart_values(
                 "eks.amazonaws.com/role-arn": bindings.service_account_role_arn,
                 "eks.amazonaws.com/sts-regional-endpoints": "true",
             },
-            "automountToken": True,
+            # No Kubernetes API token: the worker never calls the API, and IRSA's STS token
+            # is a projected volume of its own that the EKS pod identity webhook adds.
+            "automountToken": False,
         },
         "probes": {
             check: {
@@ -221,6 +260,21 @@ def chart_values(
             },
         },
         # DR's database is a read replica until a failover promotes it: no migrations there.
-        "migration": {"enabled": not is_dr, "slot": idle if promoting else ""},
+        "databaseAuth": bindings.database_auth,
+        "migration": {
+            "enabled": not is_dr, "slot": idle if promoting else "",
+            "databaseUrl": bindings.migration_database_url,
+            "bootstrap": {
+                "enabled": bool(bindings.database_auth == "iam" and bindings.master_secret_arn),
+                "databaseUrl": bindings.bootstrap_database_url,
+                "masterSecretArn": bindings.master_secret_arn,
+            },
+            "serviceAccount": {
+                "name": MIGRATION_SERVICE_ACCOUNT,
+                "annotations": ({"eks.amazonaws.com/role-arn": bindings.migration_role_arn,
+                                 "eks.amazonaws.com/sts-regional-endpoints": "true"}
+                                if bindings.migration_role_arn else {}),
+            },
+        },
     }
     return values

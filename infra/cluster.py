@@ -6,6 +6,14 @@ control-plane log types go to CloudWatch, nodes require IMDSv2 with a hop limit 
 cannot borrow the node's credentials) and join the worker security group that the database
 and cache admit. An existing cluster is reached with a kubeconfig kept in Secrets Manager.
 
+A new cluster is reachable on the first ``pulumi up``: its API endpoint is public only to
+``cluster.public_access_cidrs`` (or private when the runner is in the VPC), and Kubernetes
+access is by EKS access entries for the roles in ``cluster.access`` only (the creator gets
+none; https://docs.aws.amazon.com/eks/latest/userguide/access-entries.html). The Kubernetes
+provider waits for those entries. The managed ``vpc-cni`` add-on enforces NetworkPolicy and
+gives the worker's pods their own security group (``SecurityGroupPolicy``); nodes start only
+after it is configured. The node group's desired size is left to whoever resizes it.
+
 The worker's AWS identity is an IRSA role that only the service account
 ``audit:audit-worker`` can assume, with exactly the permissions in `worker_policy`; no
 statement has a ``"*"`` resource.
@@ -14,6 +22,7 @@ statement has a ``"*"`` resource.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +31,16 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from infra.chart_values import MIGRATION_SERVICE_ACCOUNT
 from infra.settings import ClusterSettings
 
 __all__ = [
+    "ACCESS_POLICIES",
     "NAMESPACE",
     "SERVICE_ACCOUNT",
+    "VPC_CNI_CONFIGURATION",
     "WORKER_ENCRYPTION_CONTEXT_APP",
+    "WORKER_POD_LABELS",
     "Cluster",
     "ClusterArgs",
     "WorkerAccess",
@@ -39,12 +52,35 @@ __all__ = [
 
 NAMESPACE = "audit"
 SERVICE_ACCOUNT = "audit-worker"
+
 _LOG_TYPES = ["api", "audit", "authenticator", "controllerManager", "scheduler"]
 _NODE_POLICIES = {
     "worker-node": "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
     "cni": "arn:aws:iam::aws:policy/AmazonEKS_CNI_Policy",
     "ecr-read": "arn:aws:iam::aws:policy/AmazonEC2ContainerRegistryReadOnly",
 }
+_ACCESS_POLICY = "arn:aws:eks::aws:cluster-access-policy/"
+ACCESS_POLICIES: dict[str, tuple[str, str]] = {
+    # level in cluster.access: (EKS access policy, scope)
+    "admins": (f"{_ACCESS_POLICY}AmazonEKSClusterAdminPolicy", "cluster"),
+    "operators": (f"{_ACCESS_POLICY}AmazonEKSEditPolicy", "namespace"),
+    "viewers": (f"{_ACCESS_POLICY}AmazonEKSViewPolicy", "namespace"),
+}
+"""Namespace scope is the worker's namespace only."""
+
+VPC_CNI_CONFIGURATION: dict[str, Any] = {
+    # NetworkPolicy enforcement (the chart's default-deny policy is otherwise inert).
+    "enableNetworkPolicy": "true",
+    # Branch interfaces, so that pods can have their own security groups.
+    "env": {"ENABLE_POD_ENI": "true"},
+    # Kubelet TCP probes to pods with their own security group fail without this.
+    "init": {"env": {"DISABLE_TCP_EARLY_DEMUX": "true"}},
+}
+"""The vpc-cni add-on's configuration values (keys of its aws-vpc-cni chart values)."""
+
+WORKER_POD_LABELS: dict[str, str] = {"app.kubernetes.io/name": "audit-worker"}
+"""The selector label of every pod of the chart (charts/audit-worker/templates/_helpers.tpl,
+``audit-worker.selectorLabels``): both slots and the migration Job."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +93,19 @@ class WorkerAccess:
     archive_key_arn: pulumi.Input[str]
     archive_bucket_arn: pulumi.Input[str]
     secret_arns: Sequence[pulumi.Input[str]]
-    """The worker's database credentials and the Redis AUTH token."""
+    """The Redis AUTH token (and the worker's database credentials without IAM auth)."""
+    database_login_arn: pulumi.Input[str] | None = None
+    """``rds-db:connect`` resource of the worker's login (RDS IAM authentication)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationAccess:
+    """What the migration Job may use: its own login, and the master secret for the
+    bootstrap (``audit-worker bootstrap``) where the instance has one (not a DR replica)."""
+
+    database_login_arn: pulumi.Input[str]
+    master_secret_arn: pulumi.Input[str] | None
+    secrets_key_arn: pulumi.Input[str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,17 +118,45 @@ class ClusterArgs:
     worker_security_group_id: pulumi.Input[str]
     secrets_key_arn: pulumi.Input[str]
     worker_access: WorkerAccess
+    migration_access: MigrationAccess | None = None
+    worker_pod_security_group_id: pulumi.Input[str] | None = None
+    """The worker pod security group (security groups for pods), new clusters only."""
     namespace: str = NAMESPACE
     service_account: str = SERVICE_ACCOUNT
+    name: str | None = None
+    """A new cluster's name (`infra.compliance.eks_cluster_name`): its control-plane log group
+    is named after it and must exist first. Auto-named when None."""
+    log_groups: Sequence[pulumi.Resource] = ()
+    """Log groups a new cluster writes to, created (encrypted, retained) before it."""
 
 
 WORKER_ENCRYPTION_CONTEXT_APP = "audit-kit"
 """The ``app`` encryption context the worker puts on every data key (crypto/wrapping.py)."""
 
 
+def migration_policy(*, database_login_arn: str, master_secret_arn: str | None,
+                     secrets_key_arn: str, region: str) -> dict[str, Any]:
+    """The migration Job's IAM policy: sign in as the migration login and, for the
+    bootstrap, read the RDS-managed master secret (encrypted with the secrets key)."""
+    statements: list[dict[str, Any]] = [
+        {"Sid": "MigrationLogin", "Effect": "Allow", "Action": ["rds-db:connect"],
+         "Resource": [database_login_arn]},
+    ]
+    if master_secret_arn:
+        statements += [
+            {"Sid": "ReadMasterSecret", "Effect": "Allow",
+             "Action": ["secretsmanager:GetSecretValue"], "Resource": [master_secret_arn]},
+            {"Sid": "DecryptMasterSecret", "Effect": "Allow", "Action": ["kms:Decrypt"],
+             "Resource": [secrets_key_arn],
+             "Condition": {"StringEquals": {
+                 "kms:ViaService": f"secretsmanager.{region}.amazonaws.com"}}},
+        ]
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
 def worker_policy(*, data_key_arn: str, signing_key_arn: str, secrets_key_arn: str,
                   archive_key_arn: str, archive_bucket_arn: str, secret_arns: Sequence[str],
-                  region: str) -> dict[str, Any]:
+                  region: str, database_login_arn: str | None = None) -> dict[str, Any]:
     """The worker's IAM policy. Every statement names its resources.
 
     Beyond its work (data keys, signing, connection secrets, archive objects) the worker's
@@ -113,6 +189,9 @@ def worker_policy(*, data_key_arn: str, signing_key_arn: str, secrets_key_arn: s
             {"Sid": "ArchiveEncryption", "Effect": "Allow",
              "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": [archive_key_arn],
              "Condition": {"StringEquals": {"kms:ViaService": f"s3.{region}.amazonaws.com"}}},
+            # RDS IAM authentication: sign in as the worker's login, on this instance only.
+            *([{"Sid": "DatabaseLogin", "Effect": "Allow", "Action": ["rds-db:connect"],
+                "Resource": [database_login_arn]}] if database_login_arn else []),
         ],
     }
 
@@ -181,6 +260,7 @@ class Cluster(pulumi.ComponentResource):
     service_account: str
     oidc_provider_arn: pulumi.Output[str]
     worker_role_arn: pulumi.Output[str]
+    migration_role_arn: pulumi.Output[str] | None
 
     def __init__(self, name: str, args: ClusterArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
@@ -188,6 +268,7 @@ class Cluster(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         s = args.settings
         self.service_account = args.service_account
+        self._access_ready: list[pulumi.Resource] = []
 
         if s.create:
             config, issuer = self._create(name, args)
@@ -208,8 +289,10 @@ class Cluster(pulumi.ComponentResource):
             self.kubeconfig = None
             self.kubeconfig_secret = s.existing_kubeconfig_secret
 
+        # A new cluster admits nobody until its access entries exist: wait for them.
         self.provider = k8s.Provider(
-            f"{name}-k8s", kubeconfig=config, delete_unreachable=False, opts=child)
+            f"{name}-k8s", kubeconfig=config, delete_unreachable=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=self._access_ready))
         namespace = k8s.core.v1.Namespace(
             f"{name}-namespace",
             metadata=k8s.meta.v1.ObjectMetaArgs(
@@ -225,6 +308,14 @@ class Cluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, provider=self.provider),
         )
         self.namespace = namespace.metadata.apply(lambda m: m.name or args.namespace)
+        if s.create and s.pod_security_groups:
+            if args.worker_pod_security_group_id is None:
+                raise TypeError("Missing required property 'worker_pod_security_group_id'")
+            policy = self._pod_security_group_policy(
+                name, namespace, args.worker_pod_security_group_id)
+            # Pods get their security group when they are created: whatever uses the namespace
+            # (the release) waits for the policy.
+            self.namespace = pulumi.Output.all(self.namespace, policy.id).apply(lambda v: v[0])
 
         role = aws.iam.Role(
             f"{name}-worker-role",
@@ -244,21 +335,54 @@ class Cluster(pulumi.ComponentResource):
             policy=pulumi.Output.all(
                 access.data_key_arn, access.signing_key_arn, access.secrets_key_arn,
                 access.archive_key_arn, access.archive_bucket_arn,
-                pulumi.Output.all(*access.secret_arns),
+                pulumi.Output.all(*access.secret_arns), access.database_login_arn,
             ).apply(lambda v: json.dumps(worker_policy(
                 data_key_arn=v[0], signing_key_arn=v[1], secrets_key_arn=v[2],
                 archive_key_arn=v[3], archive_bucket_arn=v[4], secret_arns=list(v[5]),
-                region=args.region))),
+                region=args.region, database_login_arn=v[6]))),
             opts=child,
         )
         self.worker_role_arn = role.arn
+        self.migration_role_arn = (
+            self._migration_role(name, args, issuer) if args.migration_access else None)
 
         self.register_outputs({
             "clusterName": self.cluster_name,
             "namespace": self.namespace,
             "workerRoleArn": self.worker_role_arn,
+            "migrationRoleArn": self.migration_role_arn,
             "oidcProviderArn": self.oidc_provider_arn,
         })
+
+    def _migration_role(self, name: str, args: ClusterArgs,
+                        issuer: pulumi.Input[str]) -> pulumi.Output[str]:
+        """The migration Job's IRSA role (`MIGRATION_SERVICE_ACCOUNT`), apart from the
+        worker's: only it may read the master secret."""
+        access = args.migration_access
+        assert access is not None
+        child = pulumi.ResourceOptions(parent=self)
+        role = aws.iam.Role(
+            f"{name}-migration-role",
+            description=f"audit-kit {args.environment}: IRSA role of "
+                        f"{args.namespace}/{MIGRATION_SERVICE_ACCOUNT}",
+            assume_role_policy=pulumi.Output.all(self.oidc_provider_arn, issuer).apply(
+                lambda v: json.dumps(worker_trust_policy(
+                    oidc_provider_arn=v[0], issuer_url=v[1], namespace=args.namespace,
+                    service_account=MIGRATION_SERVICE_ACCOUNT))),
+            max_session_duration=3600,
+            opts=child,
+        )
+        aws.iam.RolePolicy(
+            f"{name}-migration-policy",
+            role=role.id,
+            policy=pulumi.Output.all(
+                access.database_login_arn, access.master_secret_arn, access.secrets_key_arn,
+            ).apply(lambda v: json.dumps(migration_policy(
+                database_login_arn=v[0], master_secret_arn=v[1] or None,
+                secrets_key_arn=v[2], region=args.region))),
+            opts=child,
+        )
+        return role.arn
 
     def _create(self, name: str, args: ClusterArgs) -> tuple[pulumi.Output[str],
                                                               pulumi.Output[str]]:
@@ -269,6 +393,11 @@ class Cluster(pulumi.ComponentResource):
         attachment = aws.iam.RolePolicyAttachment(
             f"{name}-cluster-policy", role=cluster_role.name,
             policy_arn="arn:aws:iam::aws:policy/AmazonEKSClusterPolicy", opts=child)
+        # Trunk and branch interfaces for pod security groups are made by the VPC resource
+        # controller, acting as the cluster role.
+        vpc_controller = aws.iam.RolePolicyAttachment(
+            f"{name}-cluster-vpc-resource-controller", role=cluster_role.name,
+            policy_arn="arn:aws:iam::aws:policy/AmazonEKSVPCResourceController", opts=child)
         kms_use = aws.iam.RolePolicy(
             f"{name}-cluster-kms",
             role=cluster_role.id,
@@ -285,27 +414,42 @@ class Cluster(pulumi.ComponentResource):
         )
         cluster = aws.eks.Cluster(
             f"{name}-eks",
+            name=args.name,
             role_arn=cluster_role.arn,
             version=s.version,
             vpc_config=aws.eks.ClusterVpcConfigArgs(
                 subnet_ids=args.subnet_ids,
+                # Private access always: nodes and pods reach the API inside the VPC.
                 endpoint_private_access=True,
-                endpoint_public_access=s.endpoint_public_access,
-                public_access_cidrs=s.public_access_cidrs or None,
+                endpoint_public_access=s.endpoint_access == "public-restricted",
+                public_access_cidrs=list(s.public_access_cidrs) or None,
             ),
             encryption_config=aws.eks.ClusterEncryptionConfigArgs(
                 provider=aws.eks.ClusterEncryptionConfigProviderArgs(key_arn=args.secrets_key_arn),
                 resources=["secrets"],
             ),
             access_config=aws.eks.ClusterAccessConfigArgs(
+                # Access entries only; the roles in cluster.access, not whoever ran up first.
                 authentication_mode="API",
-                bootstrap_cluster_creator_admin_permissions=True,
+                bootstrap_cluster_creator_admin_permissions=False,
             ),
             enabled_cluster_log_types=_LOG_TYPES,
             deletion_protection=args.hardened,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[attachment, kms_use]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[
+                attachment, kms_use, *args.log_groups]),
         )
         self.cluster_name = cluster.name
+        self._access_ready = self._access_entries(name, cluster.name, args)
+        cni = aws.eks.Addon(
+            f"{name}-vpc-cni",
+            cluster_name=cluster.name,
+            addon_name="vpc-cni",
+            configuration_values=json.dumps(VPC_CNI_CONFIGURATION, sort_keys=True),
+            # The cluster starts with a self-managed aws-node: take it over.
+            resolve_conflicts_on_create="OVERWRITE",
+            resolve_conflicts_on_update="OVERWRITE",
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[vpc_controller]),
+        )
 
         node_role = aws.iam.Role(
             f"{name}-node-role", assume_role_policy=_assume("ec2.amazonaws.com"), opts=child)
@@ -347,7 +491,10 @@ class Cluster(pulumi.ComponentResource):
             update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
             launch_template=aws.eks.NodeGroupLaunchTemplateArgs(
                 id=template.id, version=template.latest_version.apply(str)),
-            opts=pulumi.ResourceOptions(parent=self, depends_on=node_attachments),
+            # Nodes start with the CNI configured; the desired size belongs to whoever
+            # resizes the group (a person, an autoscaler): the next up does not undo it.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*node_attachments, cni],
+                                        ignore_changes=["scalingConfig.desiredSize"]),
         )
         issuer = cluster.identities.apply(_issuer)
         oidc = aws.iam.OpenIdConnectProvider(
@@ -362,3 +509,41 @@ class Cluster(pulumi.ComponentResource):
             lambda v: kubeconfig(cluster_name=v[0], endpoint=v[1], ca_data=v[2],
                                  region=args.region))
         return config, issuer
+
+    def _access_entries(self, name: str, cluster_name: pulumi.Output[str],
+                        args: ClusterArgs) -> list[pulumi.Resource]:
+        """One access entry and one access policy association per role in cluster.access."""
+        done: list[pulumi.Resource] = []
+        for level, arn in args.settings.access.roles():
+            policy_arn, scope = ACCESS_POLICIES[level]
+            label = re.sub(r"[^A-Za-z0-9-]", "-", arn.split(":role/", 1)[1]).lower()
+            entry = aws.eks.AccessEntry(
+                f"{name}-access-{label}", cluster_name=cluster_name, principal_arn=arn,
+                type="STANDARD", opts=pulumi.ResourceOptions(parent=self))
+            done.append(aws.eks.AccessPolicyAssociation(
+                f"{name}-access-{label}-{level}",
+                cluster_name=cluster_name,
+                principal_arn=entry.principal_arn,
+                policy_arn=policy_arn,
+                access_scope=aws.eks.AccessPolicyAssociationAccessScopeArgs(
+                    type=scope, namespaces=[args.namespace] if scope == "namespace" else None),
+                opts=pulumi.ResourceOptions(parent=self),
+            ))
+        return done
+
+    def _pod_security_group_policy(self, name: str, namespace: k8s.core.v1.Namespace,
+                                   group_id: pulumi.Input[str]) -> pulumi.CustomResource:
+        """The worker's pods (by the chart's selector label) get the worker pod security
+        group (https://docs.aws.amazon.com/eks/latest/userguide/security-groups-pods-deployment.html)."""
+        return k8s.apiextensions.CustomResource(
+            f"{name}-worker-security-group-policy",
+            api_version="vpcresources.k8s.aws/v1beta1",
+            kind="SecurityGroupPolicy",
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name="audit-worker", namespace=namespace.metadata.apply(lambda m: m.name)),
+            spec={
+                "podSelector": {"matchLabels": dict(WORKER_POD_LABELS)},
+                "securityGroups": {"groupIds": [group_id]},
+            },
+            opts=pulumi.ResourceOptions(parent=self, provider=self.provider),
+        )

@@ -28,16 +28,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infra import capacity
+
 __all__ = [
     "DEFAULT_INGRESS_NAMESPACES",
     "ENVIRONMENTS_DIR",
     "ENVIRONMENT_NAMES",
     "HEALTH_CHECKS",
+    "LOG_RETENTION_DAYS",
     "STACK_ENVIRONMENTS",
     "ArchiveSettings",
     "CacheSettings",
     "CloudSettings",
+    "ClusterAccessSettings",
     "ClusterSettings",
+    "ComplianceSettings",
     "DatabaseSettings",
     "DnsFailoverSettings",
     "DrSettings",
@@ -170,7 +175,9 @@ class DatabaseSettings(_Model):
     instance_class: str = Field(pattern=r"^db\.[a-z0-9]+\.[a-z0-9]+$")
     allocated_storage_gb: int = Field(ge=20, le=65536)
     max_allocated_storage_gb: int = Field(ge=20, le=65536)
-    engine_version: str = Field(pattern=r"^[0-9]{2}(\.[0-9]+)?$")
+    engine_version: str = Field(
+        description="PostgreSQL MAJOR.MINOR, e.g. '16.4'. Minor upgrades are off "
+        "(auto_minor_version_upgrade=False): bump this pin to upgrade (migration guide).")
     multi_az: bool
     backup_retention_days: int = Field(ge=0, le=35)
     deletion_protection: bool
@@ -181,6 +188,16 @@ class DatabaseSettings(_Model):
     backup_window: str = Field(default="03:00-04:00",
                                pattern=r"^[0-9]{2}:[0-9]{2}-[0-9]{2}:[0-9]{2}$")
     maintenance_window: str = "sun:04:30-sun:05:30"
+
+    @field_validator("engine_version")
+    @classmethod
+    def _major_minor(cls, value: str) -> str:
+        # A major alone ("16") lets RDS choose the minor; with minor upgrades off the pin must
+        # name it exactly, or the next `up` would try to move the instance to another minor.
+        if not re.fullmatch(r"[0-9]{2}\.[0-9]{1,3}", value):
+            raise ValueError(f"must be PostgreSQL MAJOR.MINOR such as '16.4' (got {value!r}): "
+                             "pin the exact minor version the instance runs")
+        return value
 
     @model_validator(mode="after")
     def _storage(self) -> DatabaseSettings:
@@ -214,12 +231,23 @@ class CacheSettings(_Model):
 
 
 class ArchiveSettings(_Model):
-    """S3 archive of log segments and signed tree heads, under Object Lock (COMPLIANCE)."""
+    """S3 archive of log segments and signed tree heads, under Object Lock.
 
+    COMPLIANCE (nobody, root included, can shorten retention or delete a locked version) is
+    required outside dev. Dev may use GOVERNANCE with a retention in days, so that a dev stack
+    can be torn down: a principal with ``s3:BypassGovernanceRetention`` can delete versions.
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/object-lock.html
+    """
+
+    object_lock_mode: Literal["COMPLIANCE", "GOVERNANCE"] = "COMPLIANCE"
     object_lock_years: int = Field(
         default=6, ge=6, le=100,
         description="HIPAA keeps documentation 6 years (45 CFR 164.316(b)(2)); never less.",
     )
+    object_lock_days: int | None = Field(
+        default=None, ge=1, le=36500,
+        description="GOVERNANCE only (dev): default retention in days instead of "
+        "object_lock_years.")
     replicate_to_dr: bool = False
     detach_verified_months: bool = Field(
         default=False,
@@ -228,9 +256,112 @@ class ArchiveSettings(_Model):
         "rows stay provable from the archive.",
     )
 
+    @model_validator(mode="after")
+    def _lock_period(self) -> ArchiveSettings:
+        if self.object_lock_days is not None and self.object_lock_mode != "GOVERNANCE":
+            raise ValueError("object_lock_days: only with object_lock_mode GOVERNANCE "
+                             "(COMPLIANCE uses object_lock_years)")
+        return self
+
+    def default_retention(self) -> dict[str, Any]:
+        """The bucket's default retention: mode and either days or years (never both)."""
+        if self.object_lock_days is not None:
+            return {"mode": self.object_lock_mode, "days": self.object_lock_days}
+        return {"mode": self.object_lock_mode, "years": self.object_lock_years}
+
+
+_IAM_ROLE_ARN = r"arn:aws(-cn|-us-gov)?:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}"
+"""An IAM role ARN (partition, 12-digit account, ``role/`` and an optional path)."""
+
+EndpointAccess = Literal["public-restricted", "private"]
+
+
+class ClusterAccessSettings(_Model):
+    """IAM roles granted Kubernetes access through EKS access entries.
+
+    https://docs.aws.amazon.com/eks/latest/userguide/access-entries.html: ``admins`` get
+    AmazonEKSClusterAdminPolicy on the cluster (the CI role that runs ``pulumi up`` must be
+    one: the cluster creator gets no access of its own); ``operators`` (also the DR drill
+    role) AmazonEKSEditPolicy in the worker's namespace; ``viewers`` AmazonEKSViewPolicy.
+    """
+
+    admins: list[str] = Field(default_factory=list)
+    operators: list[str] = Field(default_factory=list)
+    viewers: list[str] = Field(default_factory=list)
+
+    @field_validator("admins", "operators", "viewers")
+    @classmethod
+    def _roles(cls, value: list[str]) -> list[str]:
+        bad = [arn for arn in value if not re.fullmatch(_IAM_ROLE_ARN, arn)]
+        if bad:
+            raise ValueError(f"not IAM role ARNs (arn:aws:iam::<12 digits>:role/<name>): "
+                             f"{', '.join(bad)}")
+        repeated = sorted({arn for arn in value if value.count(arn) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_level_each(self) -> ClusterAccessSettings:
+        # EKS has one access entry per principal: a role in two lists would be two entries.
+        seen: dict[str, str] = {}
+        for level in ("admins", "operators", "viewers"):
+            for arn in getattr(self, level):
+                if arn in seen:
+                    raise ValueError(f"{level}: {arn} is already in {seen[arn]}; give each "
+                                     "role one level")
+                seen[arn] = level
+        return self
+
+    def roles(self) -> list[tuple[str, str]]:
+        """(level, role ARN) of every listed role, admins first."""
+        return [(level, arn) for level in ("admins", "operators", "viewers")
+                for arn in getattr(self, level)]
+
+
+LOG_RETENTION_DAYS: tuple[int, ...] = (
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
+    2922, 3288, 3653)
+"""The retention values CloudWatch Logs accepts (PutRetentionPolicy)."""
+
+HARDENED_LOG_RETENTION_DAYS = 365
+"""Least log retention in prod and DR (the environments' files keep 2192 days: 6 years)."""
+
+
+class ComplianceSettings(_Model):
+    """HIPAA controls of `infra.compliance`: flow logs, CloudTrail, GuardDuty, log groups,
+    AWS Backup. ``existing`` means the account already has that control (one GuardDuty
+    detector per account and region; an organization or account trail may already exist)."""
+
+    cloudtrail: Literal["create", "existing"] = "create"
+    guardduty: Literal["create", "existing"] = "create"
+    log_retention_days: int = Field(
+        default=365, description="VPC flow logs, EKS control plane and RDS PostgreSQL logs; "
+        "one of CloudWatch's retention values; >= 365 in prod and dr.")
+    backup_retention_days: int = Field(default=35, ge=1, le=36500)
+    backup_vault_lock: Literal["governance", "compliance"] = Field(
+        default="governance", description="compliance: immutable once changeable_for_days "
+        "have passed (required in prod and dr); governance: removable by IAM (dev).")
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _retention(cls, value: int) -> int:
+        if value not in LOG_RETENTION_DAYS:
+            raise ValueError(f"must be one of CloudWatch Logs' retention values "
+                             f"{', '.join(map(str, LOG_RETENTION_DAYS))} (got {value})")
+        return value
+
 
 class ClusterSettings(_Model):
-    """A new EKS cluster (``create: true``) or an existing one reached by a stored kubeconfig."""
+    """A new EKS cluster (``create: true``) or an existing one reached by a stored kubeconfig.
+
+    A new cluster's API endpoint (https://docs.aws.amazon.com/eks/latest/userguide/
+    cluster-endpoint.html) is ``public-restricted`` by default: public access limited to
+    ``public_access_cidrs`` (the runners of ``pulumi up``), private access on, so nodes and
+    pods use the private path. ``private`` turns the public endpoint off; it is refused unless
+    ``runner_in_vpc: true`` says the machine running ``pulumi up`` reaches the VPC (a runner
+    inside it, a VPN or peering): otherwise the Kubernetes provider could not reach the API.
+    """
 
     create: bool
     version: str | None = Field(default=None, pattern=r"^1\.[0-9]{2}$")
@@ -239,8 +370,14 @@ class ClusterSettings(_Model):
     node_desired_size: int | None = Field(default=None, ge=1)
     node_max_size: int | None = Field(default=None, ge=1)
     node_disk_gb: int = Field(default=50, ge=20)
-    endpoint_public_access: bool = False
+    endpoint_access: EndpointAccess = "public-restricted"
     public_access_cidrs: list[str] = Field(default_factory=list)
+    runner_in_vpc: bool = False
+    access: ClusterAccessSettings = Field(default_factory=ClusterAccessSettings)
+    pod_security_groups: bool = Field(
+        default=True,
+        description="Give the worker's pods their own security group (the only source the "
+        "database and cache admit); needs trunking-capable instance types.")
     existing_cluster_name: str | None = None
     existing_kubeconfig_secret: str | None = None
 
@@ -250,6 +387,19 @@ class ClusterSettings(_Model):
                 self.node_max_size is None):
             raise ValueError("node sizes apply only to a new cluster (create: true)")
         return self.node_min_size, self.node_desired_size, self.node_max_size
+
+    @field_validator("public_access_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        bad = []
+        for cidr in value:
+            try:
+                ipaddress.IPv4Network(cidr, strict=True)
+            except ValueError:
+                bad.append(cidr)
+        if bad:
+            raise ValueError(f"not IPv4 CIDRs (network address/prefix): {', '.join(bad)}")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ClusterSettings:
@@ -266,6 +416,7 @@ class ClusterSettings(_Model):
                                  "node_desired_size <= node_max_size")
             if self.existing_kubeconfig_secret or self.existing_cluster_name:
                 raise ValueError("existing_* apply only when create is false")
+            self._endpoint()
         else:
             if not self.existing_kubeconfig_secret or not self.existing_cluster_name:
                 raise ValueError(
@@ -276,14 +427,30 @@ class ClusterSettings(_Model):
                 n is not None for n in node_fields
             ):
                 raise ValueError("version and node_* apply only when create is true")
-        if self.public_access_cidrs and not self.endpoint_public_access:
-            raise ValueError("public_access_cidrs: needs endpoint_public_access: true")
-        if self.endpoint_public_access and (
-            not self.public_access_cidrs or "0.0.0.0/0" in self.public_access_cidrs
-        ):
-            raise ValueError(
-                "public_access_cidrs: a public API endpoint needs CIDRs, not 0.0.0.0/0")
+            # The platform owns an existing cluster's endpoint, access and CNI.
+            owned = sorted({"endpoint_access", "public_access_cidrs", "runner_in_vpc", "access",
+                            "pod_security_groups"} & self.model_fields_set)
+            if owned:
+                raise ValueError(f"{', '.join(owned)} apply only when create is true (the "
+                                 "platform manages an existing cluster)")
         return self
+
+    def _endpoint(self) -> None:
+        if self.endpoint_access == "public-restricted":
+            if not self.public_access_cidrs:
+                raise ValueError("public_access_cidrs: required with endpoint_access "
+                                 "public-restricted (the addresses of the pulumi up runners)")
+            if "0.0.0.0/0" in self.public_access_cidrs:
+                raise ValueError("public_access_cidrs: 0.0.0.0/0 is not restricted; list the "
+                                 "runners' addresses")
+        else:
+            if self.public_access_cidrs:
+                raise ValueError("public_access_cidrs: only with endpoint_access "
+                                 "public-restricted (a private endpoint has no public CIDRs)")
+            if not self.runner_in_vpc:
+                raise ValueError("endpoint_access: 'private' needs runner_in_vpc: true (the "
+                                 "machine running pulumi up must reach the VPC, or the "
+                                 "Kubernetes provider cannot reach the API)")
 
 
 class IngressPodSettings(_Model):
@@ -368,7 +535,12 @@ HEALTH_CHECKS: dict[str, tuple[int, int]] = {
     "redis": (30, 5),
     "external": (120, 15),
 }
-"""The design's health-check table: check -> (period seconds, timeout seconds)."""
+"""The design's health-check table: check -> (period seconds, timeout seconds). Only
+liveness and readiness are settings (``probes``): the kubelet polls them. Nothing in the
+kit polls database, redis and external on a period (``auditctl promote`` calls them once,
+as a gate; their timeouts are the worker's own budgets in audit_worker.health), so a
+setting for their period would configure nothing; the guides give these periods to
+whoever adds a poller."""
 
 
 def _probe(check: str) -> ProbeSettings:
@@ -377,24 +549,25 @@ def _probe(check: str) -> ProbeSettings:
 
 
 class ProbesSettings(_Model):
-    """Health checks; the defaults are the design's table and env files rarely override them."""
+    """The kubelet's probes (chart ``probes.liveness`` / ``probes.readiness``); the defaults
+    are the design's table and env files rarely override them."""
 
     liveness: ProbeSettings = Field(default_factory=lambda: _probe("liveness"))
     readiness: ProbeSettings = Field(default_factory=lambda: _probe("readiness"))
-    database: ProbeSettings = Field(default_factory=lambda: _probe("database"))
-    redis: ProbeSettings = Field(default_factory=lambda: _probe("redis"))
-    external: ProbeSettings = Field(default_factory=lambda: _probe("external"))
 
 
 class DnsFailoverSettings(_Model):
-    """Route 53 failover records (PRIMARY prod, SECONDARY DR), declared by the DR stack."""
+    """Route 53 failover TXT records (PRIMARY prod, SECONDARY DR), declared by the DR stack.
+
+    Each record's value is the real endpoint host name (RDS, ElastiCache) of the active site,
+    so clients connect by that name and ``verify-full`` checks the certificate's name. Which
+    record answers is decided by ARC routing controls (infra/dr.py), not by probing prod.
+    """
 
     hosted_zone_id: str = Field(pattern=r"^Z[A-Z0-9]{4,32}$")
     zone_name: str = Field(pattern=r"^([a-z0-9-]+\.)+[a-z]{2,}$")
     intake_record: str = Field(default="intake", pattern=r"^[a-z0-9-]+$")
     database_record: str = Field(default="db", pattern=r"^[a-z0-9-]+$")
-    health_check_fqdn: str = Field(pattern=r"^([a-z0-9-]+\.)+[a-z]{2,}$")
-    health_check_path: str = Field(default="/readyz", pattern=r"^/[!-~]{0,254}$")
     ttl_seconds: int = Field(default=60, ge=5, le=3600)
 
 
@@ -406,6 +579,17 @@ class DrSettings(_Model):
     primary_region: str | None = Field(default=None, pattern=_AWS_REGION)
     dr_region: str | None = Field(default=None, pattern=_AWS_REGION)
     dns: DnsFailoverSettings | None = None
+    mode: Literal["standby", "promoted"] | None = Field(
+        default=None,
+        description="DR only. standby: the database is a cross-region read replica of prod's "
+        "and the worker follows the strategy. promoted: after a drill or failover promoted "
+        "it, the same instance without a replication source, prod-sized workers (then "
+        "`pulumi up --refresh`).",
+    )
+
+    @property
+    def promoted(self) -> bool:
+        return self.mode == "promoted"
 
 
 class KeySettings(_Model):
@@ -441,6 +625,7 @@ class EnvironmentSettings(_Model):
     probes: ProbesSettings = Field(default_factory=ProbesSettings)
     dr: DrSettings | None = None
     keys: KeySettings = Field(default_factory=KeySettings)
+    compliance: ComplianceSettings = Field(default_factory=ComplianceSettings)
     local: LocalSettings | None = None
 
     @property
@@ -496,6 +681,8 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
                  "not used by the local environment (it has no cloud resources)")
         need(s.local is not None, "local", "required in the local environment")
         need(s.keys.backend == "local", "keys.backend", "must be 'local' in the local environment")
+        need("compliance" not in s.model_fields_set, "compliance",
+             "not used by the local environment (it has no cloud resources)")
         return out
 
     need(s.local is None, "local", "only the local environment has a local section")
@@ -520,8 +707,20 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
              f"must be 'one-per-az' in {s.name} (one NAT gateway is a single point of failure)")
         need(not s.worker.auto_promote, "worker.auto_promote",
              f"must be false in {s.name}: promotion there needs a person")
-        need(not cloud.cluster.endpoint_public_access, "cluster.endpoint_public_access",
-             f"must be false in {s.name}")
+
+    archive, compliance = cloud.archive, s.compliance
+    need(archive.object_lock_mode == "COMPLIANCE" or s.name == "dev",
+         "archive.object_lock_mode", f"must be COMPLIANCE in {s.name} (GOVERNANCE only in dev)")
+    if s.hardened:
+        need(compliance.log_retention_days >= HARDENED_LOG_RETENTION_DAYS,
+             "compliance.log_retention_days",
+             f"must be >= {HARDENED_LOG_RETENTION_DAYS} in {s.name} "
+             f"(got {compliance.log_retention_days})")
+        need(compliance.backup_vault_lock == "compliance", "compliance.backup_vault_lock",
+             f"must be 'compliance' in {s.name}")
+    if s.name == "prod":
+        need(compliance.cloudtrail == "create", "compliance.cloudtrail",
+             "must be 'create' in prod: the primary site owns the multi-region trail")
 
     if s.name == "prod":
         need(s.keys.multi_region, "keys.multi_region",
@@ -530,7 +729,7 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
         need(dr is not None and dr.dr_region is not None, "dr.dr_region", "required in prod")
         if dr is not None:
             need(dr.strategy is None and dr.primary_stack is None and dr.primary_region is None
-                 and dr.dns is None, "dr", "prod sets only dr.dr_region")
+                 and dr.dns is None and dr.mode is None, "dr", "prod sets only dr.dr_region")
             need(dr.dr_region != s.region, "dr.dr_region", "must differ from region")
     elif s.name == "dr":
         dr = s.dr
@@ -546,6 +745,7 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
             need(dr.primary_region != s.region, "dr.primary_region", "must differ from region")
             need(dr.dns is not None, "dr.dns", "required in dr (hosted zone and record names)")
             need(dr.dr_region is None, "dr.dr_region", "set only in prod")
+            need(dr.mode is not None, "dr.mode", "required in dr (standby or promoted)")
         need(not s.keys.multi_region, "keys.multi_region",
              "must be false in dr: its keys are replicas of prod's multi-region keys")
         need(not cloud.archive.replicate_to_dr, "archive.replicate_to_dr", "not allowed in dr")
@@ -555,6 +755,59 @@ def _rules(s: EnvironmentSettings) -> list[Problem]:
     if cloud.archive.replicate_to_dr:
         need(s.dr is not None and s.dr.dr_region is not None, "archive.replicate_to_dr",
              "needs dr.dr_region")
+    if cloud.cluster.create:
+        out.extend(_cluster_rules(s.name, cloud.cluster, s.worker))
+    return out
+
+
+def _cluster_rules(env: str, c: ClusterSettings, w: WorkerSettings) -> list[Problem]:
+    """A new cluster: someone can administer it, and its nodes hold the worker's pods."""
+    out: list[Problem] = []
+    if not c.access.admins:
+        out.append(Problem("cluster.access.admins", (
+            f"at least one admin role is required in {env}" if env in HARDENED
+            else "at least one admin role is required") + ": the cluster creator gets no "
+            "access, so the role that runs pulumi up must be listed"))
+    unknown = [t for t in c.node_instance_types if t not in capacity.INSTANCE_TYPES]
+    if unknown:
+        out.append(Problem("cluster.node_instance_types", (
+            f"no capacity figures for {', '.join(unknown)} (known: "
+            f"{', '.join(capacity.INSTANCE_TYPES)}; add its limits to infra/capacity.py)")))
+        return out
+    if c.pod_security_groups:
+        plain = [t for t in c.node_instance_types
+                 if not capacity.INSTANCE_TYPES[t].security_groups_for_pods]
+        if plain:
+            out.append(Problem("cluster.node_instance_types", (
+                f"{', '.join(plain)} cannot give pods security groups (not trunking "
+                "compatible; no t-family type is); use e.g. m6i.large or set "
+                "cluster.pod_security_groups: false")))
+            return out
+    pod = capacity.PodSize(cpu_m=capacity.cpu_millicores(w.cpu_request),
+                           memory_mib=capacity.memory_mib(w.memory_request))
+    lo, _, hi = c.node_scaling()
+    for field, nodes, replicas, what in (
+            ("cluster.node_min_size", lo, w.replicas, "worker.replicas"),
+            ("cluster.node_max_size", hi, w.max_replicas, "worker.max_replicas")):
+        pods = capacity.worker_pods(replicas)
+        # The group may launch any of its types: the smallest decides.
+        fits = [(t, capacity.nodes_needed(capacity.INSTANCE_TYPES[t], pod, pods,
+                                          branch_interfaces=c.pod_security_groups))
+                for t in c.node_instance_types]
+        worst, fit = max(fits, key=lambda f: (f[1].per_node == 0, f[1].nodes))
+        if fit.per_node == 0:
+            out.append(Problem("cluster.node_instance_types", (
+                f"one worker pod (worker.cpu_request {w.cpu_request}, worker.memory_request "
+                f"{w.memory_request}) does not fit a {worst} node ({fit.limit})")))
+            return out
+        if fit.nodes > nodes:
+            surge = capacity.surge(replicas)
+            out.append(Problem(field, (
+                f"{nodes} {worst} node(s) cannot hold {pods} pods: 2 slots x ({what} "
+                f"{replicas} + surge {surge}) + 1 migration pod, at worker.cpu_request "
+                f"{w.cpu_request} and worker.memory_request {w.memory_request}, plus 2 "
+                f"CoreDNS pods; that needs {fit.nodes} nodes ({fit.per_node} worker pod(s) per "
+                f"node, limited by {fit.limit})")))
     return out
 
 

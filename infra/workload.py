@@ -69,6 +69,11 @@ class WorkloadArgs:
     aws_api_cidrs: pulumi.Input[Sequence[str]]
     primary_replicas: pulumi.Input[int] | None = None
     """DR warm standby: prod's replica count (from the stack reference)."""
+    database_auth: str = "password"
+    migration_role_arn: pulumi.Input[str] | None = None
+    migration_database_url: pulumi.Input[str] | None = None
+    bootstrap_database_url: pulumi.Input[str] | None = None
+    master_secret_arn: pulumi.Input[str] | None = None
 
 
 class Workload(pulumi.ComponentResource):
@@ -104,7 +109,8 @@ class Workload(pulumi.ComponentResource):
         self.values = pulumi.Output.all(
             args.data_key_arn, args.signing_key_arn, args.archive_bucket,
             args.service_account_role_arn, args.postgres_cidrs, args.redis_cidrs,
-            args.aws_api_cidrs, args.primary_replicas,
+            args.aws_api_cidrs, args.primary_replicas, args.migration_role_arn,
+            args.migration_database_url, args.bootstrap_database_url, args.master_secret_arn,
         ).apply(lambda v: chart_values(
             settings,
             active_slot=args.active_slot,
@@ -115,7 +121,10 @@ class Workload(pulumi.ComponentResource):
             bindings=WorkerBindings(
                 data_key_id=v[0], signing_key_id=v[1], archive_bucket=v[2],
                 service_account_role_arn=v[3], postgres_cidrs=list(v[4]),
-                redis_cidrs=list(v[5]), aws_api_cidrs=list(v[6])),
+                redis_cidrs=list(v[5]), aws_api_cidrs=list(v[6]),
+                database_auth=args.database_auth, migration_role_arn=v[8] or "",
+                migration_database_url=v[9] or "", bootstrap_database_url=v[10] or "",
+                master_secret_arn=v[11] or ""),
         ))
 
         release = k8s.helm.v3.Release(

@@ -172,7 +172,12 @@ def health_checks() -> str:
     from audit_worker import health
     from audit_worker.cli import _CHECK_PATHS, Check
     from auditctl.release import DEPENDENCY_CHECKS
-    from infra.settings import ENVIRONMENT_NAMES, STACK_ENVIRONMENTS, load_environment
+    from infra.settings import (
+        ENVIRONMENT_NAMES,
+        HEALTH_CHECKS,
+        STACK_ENVIRONMENTS,
+        load_environment,
+    )
 
     budgets = {"liveness": health.LIVENESS_BUDGET, "readiness": health.READINESS_BUDGET,
                "database": health.DATABASE_BUDGET, "redis": health.REDIS_BUDGET,
@@ -184,8 +189,11 @@ def health_checks() -> str:
     for check, (path, fails) in _HEALTH.items():
         timings: dict[tuple[int, int], list[str]] = {}
         for env in ENVIRONMENT_NAMES:
-            probe = getattr(load_environment(env).probes, check)
-            timings.setdefault((probe.period_seconds, probe.timeout_seconds), []).append(env)
+            # Checks nothing polls on a period are no setting: the design's table.
+            probe = getattr(load_environment(env).probes, check, None)
+            timing_of = ((probe.period_seconds, probe.timeout_seconds) if probe is not None
+                         else HEALTH_CHECKS[check])
+            timings.setdefault(timing_of, []).append(env)
         if len(timings) == 1:
             (period, timeout), = timings
             timing = f"{period} s / {timeout} s"
@@ -201,14 +209,16 @@ def health_checks() -> str:
         elif wired:
             polled = f"kubelet in {', '.join(wired)} only"
         else:
-            polled = f"nothing in the kit: `probes.{check}` is validated but not used"
+            polled = "no poller in the kit (no setting either)"
             if path in DEPENDENCY_CHECKS:
                 polled += "; `auditctl promote` calls it once, as a gate"
+            polled += "; continuously: `audit_breaker_state` (AuditCircuitBreakerOpen)"
         _, cli_timeout = _CHECK_PATHS[Check(_CLI_CHECK[check])]
         rows.append([check, f"`GET {path}`", polled, timing,
                      f"≤ {budgets[check] + backstop:g} s",
                      f"`audit-worker health {_CLI_CHECK[check]}` ({cli_timeout:g} s)", fails])
-    source = "environments/*.yaml (probes), infra/chart_values.py, src/audit_worker/health.py"
+    source = ("environments/*.yaml (probes), infra/settings.py (HEALTH_CHECKS), "
+              "infra/chart_values.py, src/audit_worker/health.py")
     return _note(source) + _table(
         ["check", "endpoint", "polled by", "period / timeout (environments)",
          "worker answers within", "by hand", "fails (HTTP 503) when"], rows)

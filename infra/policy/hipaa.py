@@ -8,15 +8,24 @@ Properties are the resource inputs as the engine sends them (camelCase). Per-env
 rules read the resource's ``environment`` tag, which the program puts on every AWS resource
 (``infra/tagging.py``); a resource that should carry it and does not is itself a violation.
 
+Under the real analyzer the properties are ``unknown_checking_proxy`` objects: nested values
+are `Mapping` / `Sequence`, never dict / list, so the helpers test only those ABCs. The tests
+run the pack through pulumi-policy's own analyzer path (``tests/infra/analyzer.py``: protobuf
+requests from every stack's recorded resources into the servicer ``__main__.py``'s
+`PolicyPack` builds), besides calling the validate functions with plain dicts.
+
 =================================  =============================================  ============
 policy                             checks                                         HIPAA
 =================================  =============================================  ============
 cmk-encryption-at-rest             RDS, ElastiCache, S3 SSE-KMS, EKS Secrets and  164.312(a)(2)(iv)
-                                   Secrets Manager use a customer-managed key
+                                   Secrets Manager use a customer-managed key;
+                                   no kmsKeyId / kmsKeyArn / kmsMasterKeyId (any
+                                   resource, any depth) names alias/aws/...
 kms-symmetric-key-rotation         symmetric KMS keys rotate                      164.312(a)(2)(iv)
 no-public-data-stores              RDS not public; ElastiCache in private         164.312(e)(1)
-                                   subnets; no 0.0.0.0/0 ingress; S3 public
-                                   access blocked
+                                   subnets behind security groups; no 0.0.0.0/0
+                                   or ::/0 ingress (security groups, ingress
+                                   rules); S3 public access blocked
 tls-in-transit                     rds.force_ssl=1; Redis TLS; S3 denies non-TLS  164.312(e)(1)
 database-audit-logging             PostgreSQL parameter groups load pgaudit, log  164.312(b)
                                    DDL, roles, writes and SET, never parameters
@@ -43,7 +52,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pulumi_policy import (
@@ -54,6 +63,7 @@ from pulumi_policy import (
     StackValidationArgs,
     StackValidationPolicy,
 )
+from pulumi_policy.proxy import UnknownValueError
 
 __all__ = [
     "HARDENED_ENVIRONMENTS",
@@ -62,15 +72,19 @@ __all__ = [
     "STACK_POLICIES",
     "archive_buckets_fully_protected",
     "archive_object_lock",
+    "audit_trail",
     "backup_retention",
+    "backups_copied_and_locked",
     "cmk_encryption_at_rest",
     "containers_run_as_non_root",
     "database_audit_logging",
     "deletion_protection",
     "kms_symmetric_key_rotation",
+    "log_groups_retained_and_encrypted",
     "no_plaintext_secret_outputs",
     "no_public_data_stores",
     "tls_in_transit",
+    "vpc_flow_logs",
 ]
 
 HARDENED_ENVIRONMENTS = frozenset({"prod", "dr"})
@@ -78,6 +92,8 @@ MIN_BACKUP_DAYS = 7
 PROD_BACKUP_DAYS = 35
 ARCHIVE_YEARS = 6
 ARCHIVE_PURPOSE = "audit-archive"
+LOCK_RELAXED_ENVIRONMENTS = frozenset({"dev"})
+"""Stacks whose archive lock may be GOVERNANCE (short retention, so that dev can be torn down)."""
 
 RDS_INSTANCE = "aws:rds/instance:Instance"
 RDS_PARAMETER_GROUP = "aws:rds/parameterGroup:ParameterGroup"
@@ -119,12 +135,19 @@ Validate = Callable[[ResourceValidationArgs, ReportViolation], None]
 # --------------------------------------------------------------------------------------------
 
 
+def _is_sequence(value: Any) -> bool:
+    """A list-like value. The analyzer hands policies ``unknown_checking_proxy`` objects (a
+    `Sequence` / `Mapping`, never a list / dict), so only the ABCs are tested; a str is a
+    Sequence too but is one value here."""
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray)
+
+
 def _get(props: Any, *path: str) -> Any:
     """props[path[0]][path[1]]...; None where anything is missing. Lists: first element."""
     current = props
     for key in path:
-        if isinstance(current, list | tuple):
-            current = current[0] if current else None
+        if _is_sequence(current):
+            current = current[0] if len(current) else None
         if not isinstance(current, Mapping):
             return None
         current = current.get(key)
@@ -132,11 +155,21 @@ def _get(props: Any, *path: str) -> Any:
 
 
 def _list(value: Any) -> list[Any]:
+    """The elements of a list-like value (one value is a list of one; None is empty)."""
     if value is None:
         return []
-    if isinstance(value, list | tuple):
+    if _is_sequence(value):
         return list(value)
     return [value]
+
+
+def _plain(value: Any) -> Any:
+    """Proxies (nested) as plain dicts and lists, e.g. for `json.dumps`."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if _is_sequence(value):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _tags(props: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -183,9 +216,45 @@ def _where(args: ResourceValidationArgs) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# Key-reference properties (kmsKeyId, performanceInsightsKmsKeyId, kmsMasterKeyId,
+# replicaKmsKeyId, kmsKeyArn, provider.keyArn, ...), matched on the lowercased name's end.
+_KEY_PROPERTY_SUFFIXES = ("kmskeyid", "kmsmasterkeyid", "keyarn")
+# alias/aws/<service> names an AWS-managed key, bare or as an alias ARN in any partition.
+_AWS_MANAGED_KEY = re.compile(r"^(arn:aws[a-z-]*:kms:[^:]*:[^:]*:)?alias/aws/", re.IGNORECASE)
+
+
+def _aws_managed_key_refs(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(path, value) of every key-reference property, at any depth, that names an AWS-managed
+    key. Only key-reference values are read: an unknown elsewhere (a preview) is skipped, so
+    it cannot turn the whole policy into "can't run during preview"."""
+    found: list[tuple[str, str]] = []
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[str, Any]] = ((str(k), k) for k in value)
+    elif _is_sequence(value):
+        items = ((f"[{i}]", i) for i in range(len(value)))
+    else:
+        return found
+    for label, key in items:
+        here = f"{path}.{label}" if path and not label.startswith("[") else f"{path}{label}"
+        is_key_ref = isinstance(key, str) and key.lower().endswith(_KEY_PROPERTY_SUFFIXES)
+        try:
+            sub = value[key]
+        except UnknownValueError:
+            if is_key_ref:
+                raise  # the engine reports this one as "can't run during preview"
+            continue
+        if is_key_ref and isinstance(sub, str) and _AWS_MANAGED_KEY.match(sub):
+            found.append((here, sub))
+        found.extend(_aws_managed_key_refs(sub, here))
+    return found
+
+
 def cmk_encryption_at_rest(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     """Data stores are encrypted at rest with a customer-managed KMS key."""
     p, where = args.props, _where(args)
+    for path, key in _aws_managed_key_refs(p):
+        report_violation(f"{where}: {path} is {key!r}, an AWS-managed key; name a "
+                         "customer-managed key", None)
     if args.resource_type == RDS_INSTANCE:
         if p.get("storageEncrypted") is not True:
             report_violation(f"{where}: storageEncrypted must be true", None)
@@ -397,13 +466,22 @@ def _lock_years(retention: Any) -> float:
 
 
 def archive_object_lock(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
-    """Archive buckets are under Object Lock, COMPLIANCE mode, for at least six years."""
+    """Archive buckets are under Object Lock, COMPLIANCE mode, for at least six years; only a
+    dev stack may use GOVERNANCE (any positive retention) so that it can be torn down."""
     p, where = args.props, _where(args)
     if args.resource_type in (S3_BUCKET, S3_BUCKET_V2):
         if _tags(p).get("purpose") == ARCHIVE_PURPOSE and p.get("objectLockEnabled") is not True:
             report_violation(f"{where}: an archive bucket must have objectLockEnabled true", None)
     elif args.resource_type in S3_LOCK:
         retention = _get(p, "rule", "defaultRetention")
+        # The lock configuration takes no tags: the environment is the stack's name in the URN
+        # ("urn:pulumi:<stack>::..."). Anything but dev (or no readable name) is held to the rule.
+        stack = args.urn.split(":", 3)[2] if args.urn.count(":") >= 3 else ""
+        if stack in LOCK_RELAXED_ENVIRONMENTS and _get(retention, "mode") in (
+                "GOVERNANCE", "COMPLIANCE"):
+            if _lock_years(retention) <= 0:
+                report_violation(f"{where}: default retention must be positive", None)
+            return
         if _get(retention, "mode") != "COMPLIANCE":
             report_violation(f"{where}: default retention mode must be COMPLIANCE "
                              f"(got {_get(retention, 'mode')!r})", None)
@@ -423,7 +501,7 @@ def _root_settings(value: Any, path: str = "") -> list[str]:
                     or (key in ("privileged", "allowPrivilegeEscalation") and sub is True)):
                 found.append(f"{here}={sub}")
             found.extend(_root_settings(sub, here))
-    elif isinstance(value, list):
+    elif _is_sequence(value):
         for i, sub in enumerate(value):
             found.extend(_root_settings(sub, f"{path}[{i}]"))
     return found
@@ -500,7 +578,8 @@ def _credential_findings(name: str, value: Any) -> list[str]:
     findings: list[str] = []
     if _CREDENTIAL_NAME.search(name) and not name.lower().endswith(_ALLOWED_NAME_SUFFIXES):
         findings.append(f"output '{name}' is named like a credential")
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    # Nested outputs arrive as proxies, which json.dumps would only repr() (hiding them).
+    text = value if isinstance(value, str) else json.dumps(_plain(value), default=str)
     for pattern, what in _CREDENTIAL_VALUE:
         if pattern.search(text):
             findings.append(f"output '{name}' holds {what}")
@@ -516,6 +595,199 @@ def no_plaintext_secret_outputs(args: StackValidationArgs,
         for name, value in r.props.items():
             for finding in _credential_findings(str(name), value):
                 report_violation(finding, r.urn)
+
+
+# --------------------------------------------------------------------------------------------
+# Stack policies: HIPAA controls of infra/compliance.py
+# --------------------------------------------------------------------------------------------
+
+VPC = "aws:ec2/vpc:Vpc"
+AWSX_VPC = "awsx:ec2:Vpc"
+FLOW_LOG = "aws:ec2/flowLog:FlowLog"
+TRAIL = "aws:cloudtrail/trail:Trail"
+LOG_GROUP = "aws:cloudwatch/logGroup:LogGroup"
+BACKUP_PLAN = "aws:backup/plan:Plan"
+BACKUP_SELECTION = "aws:backup/selection:Selection"
+BACKUP_VAULT_LOCK = "aws:backup/vaultLockConfiguration:VaultLockConfiguration"
+COMPLIANCE_COMPONENT = "audit:infra:Compliance"
+LOG_RETENTION_DAYS = frozenset({
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
+    2922, 3288, 3653})
+"""CloudWatch Logs' retention values; a log group without one keeps logs forever."""
+
+
+def _of_type(args: StackValidationArgs, *types: str) -> list[Any]:
+    return [r for r in args.resources if r.resource_type in types]
+
+
+def _stack_environment(args: StackValidationArgs) -> str | None:
+    """The ``environment`` tag the program puts on every taggable resource (the first found)."""
+    for r in args.resources:
+        value = _tags(r.props).get("environment")
+        if value:
+            return str(value)
+    return None
+
+
+def _controls(args: StackValidationArgs) -> Mapping[str, Any]:
+    """``hipaaControls`` of the stack's `infra.compliance` component (create or existing)."""
+    for r in _of_type(args, COMPLIANCE_COMPONENT):
+        found = r.props.get("hipaaControls")
+        if isinstance(found, Mapping):
+            return found
+    return {}
+
+
+def vpc_flow_logs(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    """Every VPC the stack creates has a flow log of ALL traffic."""
+    logged = {str(r.props.get("vpcId")) for r in _of_type(args, FLOW_LOG)
+              if r.props.get("trafficType") == "ALL"}
+    for vpc in _of_type(args, VPC, AWSX_VPC):
+        vpc_id = vpc.props.get("vpcId") if vpc.resource_type == AWSX_VPC else vpc.props.get("id")
+        if str(vpc_id) not in logged:
+            report_violation(f"VPC '{vpc.name}' has no flow log of ALL traffic "
+                             "(aws.ec2.FlowLog with traffic_type ALL)", vpc.urn)
+
+
+def _selector_fields(selector: Any) -> dict[str, Any]:
+    return {str(_get(f, "field")): f for f in _list(_get(selector, "fieldSelectors"))}
+
+
+def _records_management_events(trail: Any) -> bool:
+    for selector in _list(trail.props.get("advancedEventSelectors")):
+        fields = _selector_fields(selector)
+        if "Management" in _list(_get(fields.get("eventCategory"), "equals")) and (
+                "readOnly" not in fields):  # a readOnly field keeps only reads or only writes
+            return True
+    for selector in _list(trail.props.get("eventSelectors")):
+        if _get(selector, "includeManagementEvents") is not False and _get(
+                selector, "readWriteType") in (None, "All"):
+            return True
+    # Neither argument: CloudTrail records all management events.
+    return not trail.props.get("advancedEventSelectors") and not trail.props.get(
+        "eventSelectors")
+
+
+def _records_objects_of(trail: Any, bucket_arn: str) -> bool:
+    for selector in _list(trail.props.get("advancedEventSelectors")):
+        fields = _selector_fields(selector)
+        if "Data" not in _list(_get(fields.get("eventCategory"), "equals")) or (
+                "AWS::S3::Object" not in _list(_get(fields.get("resources.type"), "equals"))):
+            continue
+        arn_field = fields.get("resources.ARN")
+        # No ARN field: every bucket's objects. A startsWith prefix of "<bucket ARN>/" covers
+        # every object of the bucket.
+        if arn_field is None or any(f"{bucket_arn}/".startswith(str(p)) and str(p) for p in
+                                    _list(_get(arn_field, "startsWiths"))):
+            return True
+    for selector in _list(trail.props.get("eventSelectors")):
+        for resource in _list(_get(selector, "dataResources")):
+            if _get(resource, "type") == "AWS::S3::Object" and any(
+                    str(v) in (f"{bucket_arn}/", "arn:aws:s3") for v in
+                    _list(_get(resource, "values"))):
+                return True
+    return False
+
+
+def audit_trail(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    """A multi-region trail with log file validation and a customer-managed key records
+    management events (read and write, KMS calls among them) and object access on every
+    archive bucket; unless the stack declares ``compliance.cloudtrail: existing``."""
+    if _controls(args).get("cloudtrail") == "existing":
+        return  # the account's trail is outside the stack; the guide lists what it needs
+    trails = _of_type(args, TRAIL)
+    if not trails:
+        report_violation("the stack has no CloudTrail trail (set compliance.cloudtrail: create, "
+                         "or existing when the account's trail covers this region)", None)
+        return
+    good = [t for t in trails if t.props.get("isMultiRegionTrail") is True
+            and t.props.get("enableLogFileValidation") is True and t.props.get("kmsKeyId")
+            and t.props.get("enableLogging") is not False and _records_management_events(t)]
+    if not good:
+        report_violation("no trail is multi-region with enableLogFileValidation, a kmsKeyId "
+                         "and management events (read and write)", trails[0].urn)
+        return
+    for bucket in _of_type(args, S3_BUCKET, S3_BUCKET_V2):
+        if _tags(bucket.props).get("purpose") != ARCHIVE_PURPOSE:
+            continue
+        arn = str(bucket.props.get("arn") or "")
+        if not any(_records_objects_of(t, arn) for t in good):
+            report_violation(f"archive bucket '{bucket.name}': no trail records its object "
+                             "access (a data event selector for AWS::S3::Object on it)",
+                             bucket.urn)
+
+
+def log_groups_retained_and_encrypted(args: StackValidationArgs,
+                                      report_violation: ReportViolation) -> None:
+    """Log groups have a retention and a customer-managed key, and the EKS control-plane and
+    RDS log groups exist in the stack (else AWS creates them unencrypted, kept forever)."""
+    groups = _of_type(args, LOG_GROUP)
+    for group in groups:
+        days = _number(group.props.get("retentionInDays"))
+        if days is None or int(days) not in LOG_RETENTION_DAYS:
+            report_violation(f"log group '{group.name}': retentionInDays must be one of "
+                             f"CloudWatch's values (got {group.props.get('retentionInDays')!r})",
+                             group.urn)
+        if not group.props.get("kmsKeyId"):
+            report_violation(f"log group '{group.name}': kmsKeyId must name a "
+                             "customer-managed key", group.urn)
+    names = {str(g.props.get("name")) for g in groups}
+    needed: list[tuple[Any, str]] = []
+    for cluster in _of_type(args, EKS_CLUSTER):
+        if _list(cluster.props.get("enabledClusterLogTypes")):
+            needed.append((cluster, f"/aws/eks/{cluster.props.get('name')}/cluster"))
+    for db in _of_type(args, RDS_INSTANCE):
+        for log in _list(db.props.get("enabledCloudwatchLogsExports")):
+            needed.append((db, f"/aws/rds/instance/{db.props.get('identifier')}/{log}"))
+    for owner, name in needed:
+        if name not in names:
+            report_violation(f"'{owner.name}' logs to {name}, which the stack does not declare "
+                             "(with retention and a key)", owner.urn)
+
+
+def backups_copied_and_locked(args: StackValidationArgs,
+                              report_violation: ReportViolation) -> None:
+    """Every database is in an AWS Backup selection; in prod and DR the vaults are locked in
+    COMPLIANCE mode, and prod's plan copies each backup to another region (DR's own
+    backups stay in its region: a copy into prod's region would make a DR `up` need it)."""
+    environment = _stack_environment(args)
+    hardened = environment is None or environment in HARDENED_ENVIRONMENTS
+    plans = {str(p.props.get("id") or p.name): p for p in _of_type(args, BACKUP_PLAN)}
+    locks = {str(lock.props.get("backupVaultName")): lock
+             for lock in _of_type(args, BACKUP_VAULT_LOCK)}
+    selections = _of_type(args, BACKUP_SELECTION)
+    for db in _of_type(args, RDS_INSTANCE):
+        arn, ident = str(db.props.get("arn") or ""), str(db.props.get("identifier") or "")
+        covering = [s for s in selections if any(
+            str(r) == arn or (ident and str(r).endswith(f":db:{ident}"))
+            for r in _list(s.props.get("resources")))]
+        # A selection names its plan by id, which stack policies may not see among a plan's
+        # properties: then every plan of the stack counts (each must then pass).
+        chosen = [plans[str(s.props.get("planId"))] for s in covering
+                  if str(s.props.get("planId")) in plans] or (
+            list(plans.values()) if covering else [])
+        if not chosen:
+            report_violation(f"database '{db.name}' is in no AWS Backup plan's selection",
+                             db.urn)
+            continue
+        if not hardened:
+            continue
+        rules = [rule for plan in chosen for rule in _list(plan.props.get("rules"))]
+        if environment != "dr" and not any(_list(_get(rule, "copyActions")) for rule in rules):
+            report_violation(f"database '{db.name}': its backup plan must copy each backup to "
+                             f"another region (copyActions) in {environment or 'this stack'}",
+                             db.urn)
+        for rule in rules:
+            vault = str(_get(rule, "targetVaultName"))
+            lock = locks.get(vault)
+            if lock is None or _number(lock.props.get("changeableForDays")) is None:
+                report_violation(f"backup vault '{vault}' must have a COMPLIANCE-mode vault "
+                                 "lock (changeableForDays set)", db.urn)
+    if hardened:
+        for lock in locks.values():
+            if _number(lock.props.get("changeableForDays")) is None:
+                report_violation(f"vault lock '{lock.name}' must be COMPLIANCE mode "
+                                 "(changeableForDays set)", lock.urn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,6 +843,21 @@ STACK_POLICIES: list[StackValidationPolicy] = [
         enforcement_level=_MANDATORY,
         remediation_steps="Export the Secrets Manager ARN, not the value.",
     ),
+]
+
+STACK_POLICIES += [
+    StackValidationPolicy(
+        name=name, description=(validate.__doc__ or name).strip(), validate=validate,
+        enforcement_level=_MANDATORY, remediation_steps=remediation)
+    for name, validate, remediation in (
+        ("vpc-flow-logs", vpc_flow_logs, "infra/compliance.py declares a FlowLog per new VPC."),
+        ("audit-trail", audit_trail,
+         "Set compliance.cloudtrail: create (or existing, with the guide's requirements)."),
+        ("log-groups-retained-and-encrypted", log_groups_retained_and_encrypted,
+         "Declare the log group in infra/compliance.py before the cluster or database."),
+        ("backups-copied-and-locked", backups_copied_and_locked,
+         "infra/compliance.py: a copy region (dr settings) and backup_vault_lock: compliance."),
+    )
 ]
 
 POLICIES: list[ResourceValidationPolicy | StackValidationPolicy] = [

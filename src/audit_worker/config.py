@@ -9,6 +9,12 @@ The ``AUDIT_`` prefix means exactly "a worker setting": any other ``AUDIT_*`` va
 the file, with the closest setting as a suggestion. A misspelt variable would otherwise be
 ignored and its default applied: a wrong ``AUDIT_LOG_ID`` makes two workers disagree.
 The kit's own test and tooling variables use ``AUDITKIT_``.
+
+Secrets may also be files: ``AUDIT_SECRETS_DIR`` names a directory holding one file per
+setting, named as its variable (``AUDIT_DATABASE_URL``, ``AUDIT_REDIS_URL``,
+``AUDIT_INTAKE_TOKENS``; surrounding whitespace is dropped), as the Helm chart mounts them
+from the Secret. A file fills only a setting that no variable, no settings file and no
+override sets, so the local platform's variables keep working.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ Slot = Literal["blue", "green"]
 
 PREFIX = "AUDIT_"
 CONFIG_FILE_VARIABLE = "AUDIT_CONFIG_FILE"  # read by load_settings, not a field
+SECRETS_DIR_VARIABLE = "AUDIT_SECRETS_DIR"  # read by load_settings, not a field
+LOADER_VARIABLES = frozenset({CONFIG_FILE_VARIABLE, SECRETS_DIR_VARIABLE})
+"""``AUDIT_*`` variables that name where settings come from rather than a setting."""
 
 
 class WorkerSettings(BaseSettings):
@@ -318,13 +327,29 @@ def _setting_of(variable: str) -> str:
 def _unknown_variables(variables: Collection[str]) -> list[str]:
     """A line per ``AUDIT_*`` variable that is not a setting."""
     fields = set(WorkerSettings.model_fields)
-    # Suggest the file variable too, but accept only its exact spelling: it is read so.
-    candidates = fields | {_setting_of(CONFIG_FILE_VARIABLE)}
+    # Suggest the loader variables too, but accept only their exact spelling: they are
+    # read so.
+    candidates = fields | {_setting_of(name) for name in LOADER_VARIABLES}
     return [
         _not_a_setting(name, _setting_of(name), candidates, lambda f: f"{PREFIX}{f.upper()}")
         for name in sorted(variables)
-        if name != CONFIG_FILE_VARIABLE and _setting_of(name) not in fields
+        if name not in LOADER_VARIABLES and _setting_of(name) not in fields
     ]
+
+
+def _secrets_dir() -> Path | None:
+    """The directory named by AUDIT_SECRETS_DIR; an error if it is set but not one (a
+    missing mount must not look like a missing setting)."""
+    value = os.environ.get(SECRETS_DIR_VARIABLE)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigurationError(
+            f"{SECRETS_DIR_VARIABLE}={value} is not a directory: mount the secrets there "
+            "(one file per setting, named as its variable) or unset it"
+        )
+    return path
 
 
 def _unknown_keys(keys: Collection[Any]) -> list[str]:
@@ -362,10 +387,16 @@ def load_settings(
             str(k): v for k, v in loaded.items()
             if str(k).lower() in WorkerSettings.model_fields and str(k).lower() not in env_names
         }
+    secrets_dir = _secrets_dir()
     source = f"file {path} and environment" if path else "environment"
+    if secrets_dir is not None:
+        source += f" and secret files in {secrets_dir}"
     unknown = bad_keys + bad_variables
+    # Lowest precedence: pydantic-settings reads a file only for a field nothing else set.
+    values: dict[str, Any] = {**file_values, **overrides}
     try:
-        settings = WorkerSettings(**{**file_values, **overrides})
+        # _secrets_dir is a BaseSettings init option, not a field: mypy sees only fields.
+        settings = WorkerSettings(**values, _secrets_dir=secrets_dir)  # type: ignore[call-arg]
     except ValidationError as exc:
         message = _describe(exc.errors(), source, unknown, bool(bad_variables))
         raise ConfigurationError(message) from None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -116,13 +116,16 @@ class HealthChecks:
         breakers: dict[Dependency, CircuitBreaker],
         redis: Redis,
         pool: Callable[[], asyncpg.Pool | None],
+        *,
+        aws_clients: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.status = status
         self.breakers = breakers
         self.redis = redis
         self._pool = pool
-        self._aws: dict[str, Any] = {}
+        self._aws: dict[str, Any] = dict(aws_clients or {})
+        """service -> boto3 client, built on first use (tests pass stubbed clients)."""
 
     # ---- liveness
     async def liveness(self) -> CheckResult:

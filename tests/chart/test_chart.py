@@ -66,12 +66,15 @@ WORKER_ENV = {
     "AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS",
     "AUDIT_LOG_FORMAT",
     "AUDIT_SHUTDOWN_GRACE_SECONDS",
+    "AUDIT_DATABASE_AUTH",
     "AUDIT_DATABASE_CA_FILE",
     "AUDIT_REDIS_CA_FILE",
-    "AUDIT_DATABASE_URL",
-    "AUDIT_REDIS_URL",
+    "AUDIT_SECRETS_DIR",
 }
-SECRET_ENV = {"AUDIT_DATABASE_URL": "database-url", "AUDIT_REDIS_URL": "redis-url"}
+# The worker's secrets are files in AUDIT_SECRETS_DIR, each named as its variable
+# (checkov CKV_K8S_35): file name -> key of secrets.existingSecret.
+SECRET_FILES = {"AUDIT_DATABASE_URL": "database-url", "AUDIT_REDIS_URL": "redis-url"}
+SECRETS_DIR = "/var/run/secrets/audit-worker"
 
 Manifest = dict[str, Any]
 
@@ -280,7 +283,10 @@ def test_both_slots_render_with_their_slot(env: str) -> None:
         dep = deployment(docs, slot)
         spec = dep["spec"]
         want = values["slots"][slot]
-        assert spec["replicas"] == want["replicas"], f"{env}/{slot}: replicas"
+        if values["autoscaling"]["enabled"] and slot == values["activeSlot"]:
+            assert "replicas" not in spec, f"{env}/{slot}: the HPA owns replicas"
+        else:
+            assert spec["replicas"] == want["replicas"], f"{env}/{slot}: replicas"
         assert spec["selector"]["matchLabels"] == {
             "app.kubernetes.io/name": "audit-worker",
             "app.kubernetes.io/instance": RELEASE,
@@ -292,7 +298,8 @@ def test_both_slots_render_with_their_slot(env: str) -> None:
             assert f"app.kubernetes.io/{key}" in labels, f"{env}/{slot}: label {key}"
         assert "helm.sh/chart" in dep["metadata"]["labels"]
         c = container(dep)
-        assert c["image"] == f"{values['image']['repository']}:{want['tag']}"
+        pinned = f"@{want['digest']}" if want.get("digest") else ""
+        assert c["image"] == f"{values['image']['repository']}:{want['tag']}{pinned}"
         assert env_map(c)["AUDIT_SLOT"] == slot
 
 
@@ -339,12 +346,18 @@ def test_container_contract(env: str) -> None:
         grace = values["worker"]["shutdownGraceSeconds"]
         assert env_vars["AUDIT_SHUTDOWN_GRACE_SECONDS"] == str(grace)
         assert pod["terminationGracePeriodSeconds"] == grace + 10
-        for var, key in SECRET_ENV.items():
-            ref = env_vars[var]["secretKeyRef"]
-            assert ref == {"name": values["secrets"]["existingSecret"], "key": key}
+        assert env_vars["AUDIT_SECRETS_DIR"] == SECRETS_DIR
+        assert not any("secretKeyRef" in (e.get("valueFrom") or {}) for e in c["env"])
+        assert {"name": "secrets", "mountPath": SECRETS_DIR, "readOnly": True} in (
+            c["volumeMounts"])
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "secrets"]
+        (source,) = volume["projected"]["sources"]
+        assert source["secret"] == {"name": values["secrets"]["existingSecret"], "items": [
+            {"key": key, "path": path} for path, key in SECRET_FILES.items()]}
         assert c["resources"] == values["resources"]
-        # IRSA needs the projected token; nothing else in the pod needs the API.
-        assert pod["automountServiceAccountToken"] is True
+        # No API token: the worker never calls the Kubernetes API. IRSA's STS token is a
+        # projected volume that the EKS pod identity webhook adds on its own.
+        assert pod["automountServiceAccountToken"] is False
         assert pod["serviceAccountName"] == RELEASE
 
 
@@ -460,7 +473,8 @@ def test_no_secret_object_or_value_in_output(env: str) -> None:
     for doc in docs:
         for path, key, _ in walk(doc):
             assert key not in ("stringData", "data"), f"{doc['kind']}{path}.{key}"
-    lowered = text.lower()
+    # The one "password" allowed: the name of the sign-in mode (AUDIT_DATABASE_AUTH).
+    lowered = re.sub(r'name: audit_database_auth\n\s+value: "password"', "", text.lower())
     for marker in ("postgres://", "postgresql://", "redis://", "rediss://", "password"):
         assert marker not in lowered, f"{env}: {marker!r} in rendered output"
 
@@ -485,7 +499,17 @@ def test_migration_job(env: str) -> None:
     name = job["metadata"]["name"]
     assert name.startswith(f"{RELEASE}-migrate-{tag.replace('.', '-')}-"), name
     assert len(name) <= 63
-    assert "helm.sh/hook" not in job["metadata"].get("annotations", {})
+    # A hook: Helm runs it to completion before it applies the Deployments, and deletes
+    # the previous Job first (its spec.template is immutable).
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    (account,) = [sa for sa in of_kind(docs, "ServiceAccount")
+                  if sa["metadata"]["name"] == job["spec"]["template"]["spec"][
+                      "serviceAccountName"]]
+    # ...and so is its ServiceAccount, earlier: on a first install it must exist first.
+    assert int(account["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        annotations["helm.sh/hook-weight"])
     spec = job["spec"]
     migration = values["migration"]
     assert spec["backoffLimit"] == migration["backoffLimit"]
@@ -493,7 +517,7 @@ def test_migration_job(env: str) -> None:
     assert spec["ttlSecondsAfterFinished"] == migration["ttlSecondsAfterFinished"]
     c = container(job)
     assert c["command"] == ["audit-worker", "migrate"]
-    assert c["image"].endswith(f":{tag}")
+    assert c["image"].split("@")[0].endswith(f":{tag}")
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     # Job pods must not be picked up by the Services (which select a slot).
     assert SLOT_LABEL not in job["spec"]["template"]["metadata"]["labels"]
@@ -506,6 +530,74 @@ def test_migration_job_name_follows_the_image_tag() -> None:
     name = of_kind(first, "Job")[0]["metadata"]["name"]
     assert of_kind(same, "Job")[0]["metadata"]["name"] == name
     assert of_kind(bumped, "Job")[0]["metadata"]["name"] != name
+
+
+def test_an_upgrade_that_changes_config_under_the_same_tag_gets_a_new_job() -> None:
+    """Two renders of one tag with different settings: the second Job has another name,
+    so it never patches the first one's immutable spec.template; before-hook-creation
+    removes the old Job before Helm creates the new one."""
+    _, first = render("prod")
+    _, changed = render("prod", "--set-string", "extraEnv.AUDIT_RETRY_MAX_SECONDS=7")
+    (old,), (new,) = of_kind(first, "Job"), of_kind(changed, "Job")
+    assert old["metadata"]["annotations"]["audit-worker/image-tag"] == (
+        new["metadata"]["annotations"]["audit-worker/image-tag"])
+    assert old["spec"]["template"] != new["spec"]["template"]
+    assert old["metadata"]["name"] != new["metadata"]["name"]
+    assert new["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == (
+        "before-hook-creation")
+    _, again = render("prod")
+    assert of_kind(again, "Job")[0]["metadata"]["name"] == old["metadata"]["name"]
+
+
+IAM_MIGRATION = (
+    "--set", "databaseAuth=iam",
+    "--set", "migration.databaseUrl=postgresql://auditlog_migrator@db.example.us-east-1.rds"
+    ".amazonaws.com:5432/audit?sslmode=verify-full",
+    "--set", "migration.bootstrap.enabled=true",
+    "--set", "migration.bootstrap.databaseUrl=postgresql://db.example.us-east-1.rds"
+    ".amazonaws.com:5432/audit?sslmode=verify-full",
+    "--set", "migration.bootstrap.masterSecretArn=arn:aws:secretsmanager:us-east-1:"
+    "111122223333:secret:rds!db-0123-AbCdEf",
+)
+
+
+def test_iam_migration_bootstraps_the_logins_then_migrates_with_a_token() -> None:
+    _, docs = render("prod", *IAM_MIGRATION)
+    (job,) = of_kind(docs, "Job")
+    pod = job["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["name"] == "bootstrap"
+    assert init["command"][:2] == ["audit-worker", "bootstrap"]
+    boot_env = env_map(init)
+    assert boot_env["AUDIT_DATABASE_AUTH"] == "iam"
+    assert boot_env["AUDIT_MASTER_SECRET_ARN"].startswith("arn:aws:secretsmanager:")
+    migrate_env = env_map(container(job))
+    assert migrate_env["AUDIT_DATABASE_AUTH"] == "iam"
+    url = migrate_env["AUDIT_DATABASE_URL"]
+    assert url.startswith("postgresql://auditlog_migrator@") and "sslmode=verify-full" in url
+    # Nothing secret: no Secret reference for the database in the iam Job.
+    for c in (init, container(job)):
+        for var in c["env"]:
+            assert "secretKeyRef" not in var.get("valueFrom", {}) or var["name"] == (
+                "AUDIT_REDIS_URL"), var
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (("--set", "migration.databaseUrl="), "needs migration.databaseUrl"),
+        (("--set", "migration.bootstrap.masterSecretArn="), "migration.bootstrap.masterSecretArn"),
+        (("--set", "migration.databaseUrl=postgresql://auditlog_migrator:pw@db:5432/audit"
+          "?sslmode=verify-full"), "migration.databaseUrl"),
+        (("--set", "migration.databaseUrl=postgresql://auditlog_migrator@db:5432/audit"
+          "?sslmode=require"), "migration.databaseUrl"),
+    ],
+    ids=["no-url", "no-master-secret", "password-in-url", "no-certificate-check"],
+)
+def test_iam_migration_refuses_what_cannot_sign_in(override: tuple[str, ...],
+                                                   message: str) -> None:
+    err = render_error("prod", *IAM_MIGRATION, *override)
+    assert message in err, err
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
@@ -535,14 +627,16 @@ def test_environment_profiles() -> None:
         hpas = of_kind(render(env)[1], "HorizontalPodAutoscaler")
         return (hpas[0]["spec"]["minReplicas"], hpas[0]["spec"]["maxReplicas"]) if hpas else None
 
-    def active_replicas(env: str) -> int:
-        replicas: int = deployment(render(env)[1], ci_values(env)["activeSlot"])["spec"]["replicas"]
+    def active_replicas(env: str) -> int | None:
+        """The rendered count; None where the HPA owns it (not rendered)."""
+        spec = deployment(render(env)[1], ci_values(env)["activeSlot"])["spec"]
+        replicas: int | None = spec.get("replicas")
         return replicas
 
-    assert (active_replicas("dev"), hpa_range("dev")) == (1, None)
+    assert (active_replicas("dev"), hpa_range("dev")) == (None, (1, 2))
     assert not of_kind(render("dev")[1], "PodDisruptionBudget")
-    assert (active_replicas("staging"), hpa_range("staging")) == (2, (2, 4))
-    assert (active_replicas("prod"), hpa_range("prod")) == (3, (3, 10))
+    assert (active_replicas("staging"), hpa_range("staging")) == (None, (2, 4))
+    assert (active_replicas("prod"), hpa_range("prod")) == (None, (3, 10))
     assert (active_replicas("dr"), hpa_range("dr")) == (1, None)
     assert not of_kind(render("dr")[1], "PodDisruptionBudget")
 
@@ -638,7 +732,8 @@ def test_scrape_annotations_point_at_metrics() -> None:
 
 def test_service_account_carries_the_irsa_role() -> None:
     _, docs = render("prod")
-    (sa,) = of_kind(docs, "ServiceAccount")
+    (sa,) = [sa for sa in of_kind(docs, "ServiceAccount")
+             if sa["metadata"]["name"] == f"{RELEASE}"]
     role = ci_values("prod")["serviceAccount"]["annotations"]["eks.amazonaws.com/role-arn"]
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == role
 
@@ -790,7 +885,8 @@ def test_notes_render(tmp_path: Path) -> None:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-check\ndata:\n"
         '  notes: {{ include "notes-check" . | quote }}\n'
     )
-    proc = helm("template", RELEASE, str(chart), "-n", NAMESPACE, "-f", values_file("staging"))
+    proc = helm("template", RELEASE, str(chart), "-n", NAMESPACE, "-f", values_file("staging"),
+                "--set", "activeSlot=green", "--set", "slots.green.replicas=2")
     assert proc.returncode == 0, proc.stderr
     (configmap,) = [
         d for d in yaml.safe_load_all(proc.stdout) if d and d["metadata"]["name"] == "notes-check"
@@ -881,13 +977,18 @@ def init_container(job: Manifest) -> Manifest:
 @pytest.mark.parametrize("env", MIGRATING_ENVIRONMENTS)
 def test_migration_job_connects_with_the_migration_key_and_workers_with_theirs(env: str) -> None:
     """The worker's login holds only audit_writer (SELECT, INSERT): it cannot migrate."""
-    secret = merged_values(env)["secrets"]["existingSecret"]
+    secrets = merged_values(env)["secrets"]
+    migration_secret = secrets["migrationSecret"] or secrets["existingSecret"]
     _, docs = render(env)
     (job,) = of_kind(docs, "Job")
-    assert secret_ref(container(job)) == {"name": secret, "key": "migration-database-url"}
+    assert secret_ref(container(job)) == {"name": migration_secret,
+                                          "key": "migration-database-url"}
     for slot in SLOTS:
-        assert secret_ref(container(deployment(docs, slot))) == {
-            "name": secret, "key": "database-url"}
+        pod = deployment(docs, slot)["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "secrets"]
+        (source,) = volume["projected"]["sources"]
+        assert source["secret"]["name"] == secrets["existingSecret"]
+        assert {"key": "database-url", "path": "AUDIT_DATABASE_URL"} in source["secret"]["items"]
 
 
 def test_migration_secret_and_key_can_be_chosen() -> None:
@@ -904,7 +1005,8 @@ def test_migration_secret_and_key_can_be_chosen() -> None:
 
 @pytest.mark.parametrize("env", MIGRATING_ENVIRONMENTS)
 def test_migration_job_checks_its_key_before_migrating(env: str) -> None:
-    secret = merged_values(env)["secrets"]["existingSecret"]
+    secrets = merged_values(env)["secrets"]
+    secret = secrets["migrationSecret"] or secrets["existingSecret"]
     _, docs = render(env)
     (job,) = of_kind(docs, "Job")
     init = init_container(job)
@@ -955,11 +1057,16 @@ def test_intake_tokens_come_from_an_optional_key_of_the_existing_secret() -> Non
     secret = merged_values("prod")["secrets"]["existingSecret"]
     _, docs = render("prod", "--set", "secrets.intakeTokensKey=intake-tokens")
     for slot in SLOTS:
-        env_vars = env_map(container(deployment(docs, slot)))
-        assert set(env_vars) == WORKER_ENV | {"AUDIT_INTAKE_TOKENS"}
-        # optional: a Secret without the key starts the worker with the intake off.
-        assert env_vars["AUDIT_INTAKE_TOKENS"] == {"secretKeyRef": {
-            "name": secret, "key": "intake-tokens", "optional": True}}
+        dep = deployment(docs, slot)
+        assert set(env_map(container(dep))) == WORKER_ENV
+        (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"]
+                     if v["name"] == "secrets"]
+        required, tokens = volume["projected"]["sources"]
+        assert "optional" not in required["secret"]
+        # A source of its own, optional: a Secret without the key starts the worker with
+        # the intake off, while a missing database or Redis key still stops the pod.
+        assert tokens["secret"] == {"name": secret, "optional": True, "items": [
+            {"key": "intake-tokens", "path": "AUDIT_INTAKE_TOKENS"}]}
     (job,) = of_kind(docs, "Job")
     assert "AUDIT_INTAKE_TOKENS" not in env_map(container(job))
     for doc in docs:
@@ -1013,11 +1120,11 @@ def test_extra_env_reaches_workers_and_job_as_strings(extra: tuple[str, ...]) ->
 
 
 def test_the_worker_accepts_what_extra_env_renders() -> None:
-    from audit_worker.config import WorkerSettings
+    from audit_worker.config import LOADER_VARIABLES, WorkerSettings
 
     _, docs = render("prod", "--set-json", "extraEnv=" + json.dumps(EXTRA_ENV))
     plain = {name: value for name, value in env_map(container(deployment(docs, "blue"))).items()
-             if isinstance(value, str)}
+             if isinstance(value, str) and name not in LOADER_VARIABLES}
     settings = WorkerSettings(
         database_url="postgresql://w@db/audit", redis_url="rediss://cache:6379/0",
         **{name.removeprefix("AUDIT_").lower(): value for name, value in plain.items()})
@@ -1053,13 +1160,15 @@ def test_every_audit_variable_the_chart_sets_is_a_worker_setting(
 ) -> None:
     """The worker refuses any AUDIT_* variable that is not a setting: the chart must not
     set one, in any container (the migration Job and its init container included)."""
-    from audit_worker.config import WorkerSettings
+    from audit_worker.config import LOADER_VARIABLES, WorkerSettings
 
     fields = set(WorkerSettings.model_fields)
     _, docs = render(env, *extra)
     names = _container_env_names(docs)
     assert names, "no containers rendered"
+    # AUDIT_SECRETS_DIR names where settings come from; load_settings reads it.
     bad = {where: sorted(n for n in found if n.startswith("AUDIT_")
+                         and n not in LOADER_VARIABLES
                          and n.removeprefix("AUDIT_").lower() not in fields)
            for where, found in names.items()}
     assert not any(bad.values()), f"not worker settings: {bad}"
@@ -1094,10 +1203,12 @@ def test_schema_rejects_bad_extra_env(extra: tuple[str, ...], key: str) -> None:
         ("AUDIT_LOG_FORMAT", "json"),
         ("AUDIT_CONSUMER_NAME", "own Redis consumer"),
         ("AUDIT_DATABASE_CA_FILE", "tls.databaseCaFile"),
+        ("AUDIT_DATABASE_AUTH", "databaseAuth"),
         ("AUDIT_REDIS_CA_FILE", "tls.redisCaFile"),
         ("AUDIT_DATABASE_URL", "secrets.databaseUrlKey"),
         ("AUDIT_REDIS_URL", "secrets.redisUrlKey"),
         ("AUDIT_INTAKE_TOKENS", "secrets.intakeTokensKey"),
+        ("AUDIT_SECRETS_DIR", "secrets.existingSecret"),
     ],
 )
 def test_extra_env_cannot_override_the_chart_or_carry_secrets(name: str, hint: str) -> None:
@@ -1111,7 +1222,7 @@ def test_every_variable_the_chart_sets_is_reserved_from_extra_env() -> None:
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     block = helpers.split('define "audit-worker.reservedEnv"')[1].split("{{- end }}")[0]
     reserved = set(re.findall(r"^(AUDIT_[A-Z_]+):", block, re.MULTILINE))
-    also = {"AUDIT_INTAKE_TOKENS", "AUDIT_CONSUMER_NAME", "AUDIT_HTTP_HOST"}
+    also = {"AUDIT_INTAKE_TOKENS", "AUDIT_CONSUMER_NAME", "AUDIT_HTTP_HOST", *SECRET_FILES}
     assert reserved == WORKER_ENV | also
 
 

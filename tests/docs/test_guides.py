@@ -381,7 +381,8 @@ def test_settings_exist(doc: Path) -> None:
 
 def test_setting_checks_catch_what_they_should() -> None:
     assert _env_key_ok(["worker", "auto_promote"])
-    assert _env_key_ok(["probes", "database", "period_seconds"])
+    assert _env_key_ok(["probes", "readiness", "period_seconds"])
+    assert not _env_key_ok(["probes", "database", "period_seconds"])  # not a setting
     assert not _env_key_ok(["worker", "autopromote"])
     assert _chart_key_ok(["metrics", "serviceMonitor", "enabled"])
     assert not _chart_key_ok(["metrics", "serviceMonitor", "enable"])

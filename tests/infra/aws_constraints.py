@@ -46,6 +46,12 @@ KEY = "aws:kms/key:Key"
 REPLICA_KEY = "aws:kms/replicaKey:ReplicaKey"
 SECRET = "aws:secretsmanager/secret:Secret"
 RECORD = "aws:route53/record:Record"
+HEALTH_CHECK = "aws:route53/healthCheck:HealthCheck"
+PROVIDER = "pulumi:providers:aws"
+ARC_TYPES = tuple(f"aws:route53recoverycontrol/{t}" for t in (
+    "cluster:Cluster", "controlPanel:ControlPanel", "routingControl:RoutingControl",
+    "safetyRule:SafetyRule"))
+ARC_CONFIG_REGION = "us-west-2"
 EKS = "aws:eks/cluster:Cluster"
 ACCESS_ENTRY = "aws:eks/accessEntry:AccessEntry"
 LOG_GROUP = "aws:cloudwatch/logGroup:LogGroup"
@@ -654,6 +660,51 @@ def check_failover_records(cid: str, account: Account) -> Iterator[Finding]:
                               "it never fails over")
 
 
+def check_recovery_control_health_checks(cid: str, account: Account) -> Iterator[Finding]:
+    for stack, check in account.resources(HEALTH_CHECK):
+        inputs = check["inputs"]
+        if inputs.get("type") != "RECOVERY_CONTROL":
+            continue
+        if not inputs.get("routingControlArn"):
+            yield Finding(cid, stack, check["name"],
+                          "a RECOVERY_CONTROL health check needs routingControlArn")
+        probing = [k for k in ("fqdn", "ipAddress", "port", "resourcePath", "searchString")
+                   if inputs.get(k) is not None]
+        if probing:
+            yield Finding(cid, stack, check["name"],
+                          f"a RECOVERY_CONTROL health check probes nothing; drop {probing}")
+
+
+def check_failover_health_checks_exist(cid: str, account: Account) -> Iterator[Finding]:
+    for stack, record in account.resources(RECORD):
+        inputs = record["inputs"]
+        policies = inputs.get("failoverRoutingPolicies") or []
+        check_id = inputs.get("healthCheckId")
+        if not policies or not check_id:
+            continue
+        if account.find(stack, check_id, HEALTH_CHECK) is None:
+            yield Finding(cid, stack, record["name"],
+                          f"healthCheckId {check_id} names no health check declared here")
+
+
+def _provider_region(account: Account, stack: str, resource: Resource) -> str:
+    """The region of the resource's explicit provider, else the resource's own region."""
+    name = resource.get("provider_name")
+    for provider in account.in_stack(stack, PROVIDER):
+        if name and provider["name"] == name and provider["inputs"].get("region"):
+            return str(provider["inputs"]["region"])
+    return account.region(stack, resource)
+
+
+def check_arc_config_region(cid: str, account: Account) -> Iterator[Finding]:
+    for stack, resource in account.resources(*ARC_TYPES):
+        region = _provider_region(account, stack, resource)
+        if region != ARC_CONFIG_REGION:
+            yield Finding(cid, stack, resource["name"],
+                          f"ARC's configuration API is only in {ARC_CONFIG_REGION}; this is "
+                          f"declared through {region}")
+
+
 # --------------------------------------------------------------------------- EKS
 
 
@@ -824,6 +875,29 @@ def _records(*, primary_check: bool = True, identifiers: tuple[str, str] = ("pro
                          setIdentifier=identifier,
                          failoverRoutingPolicies=[{"type": kind}], **extra))
     return _one("us-west-2", *found)
+
+
+def _recovery_checks(*, arn: bool = True) -> Account:
+    extra = {"routingControlArn": "arn:aws:route53-recovery-control::1:controlpanel/p/"
+             "routingcontrol/r"} if arn else {}
+    return _one("us-west-2", res(HEALTH_CHECK, "prod-health", type="RECOVERY_CONTROL",
+                                 referenceName="audit-dr-prod", **extra))
+
+
+def _checked_records(*, declared: bool = True) -> Account:
+    found = [res(RECORD, f"record-{i}", zoneId="Z1", name="db.example.org", type="TXT",
+                 records=[f"target-{i}.example.org"], setIdentifier=ident,
+                 failoverRoutingPolicies=[{"type": kind}], healthCheckId=f"hc-{ident}")
+             for i, (kind, ident) in enumerate((("PRIMARY", "prod"), ("SECONDARY", "dr")))]
+    checks = [res(HEALTH_CHECK, f"{ident}-health", id_=f"hc-{ident}", type="RECOVERY_CONTROL")
+              for ident in (("prod", "dr") if declared else ("dr",))]
+    return _one("us-west-2", *found, *checks)
+
+
+def _arc(region: str) -> Account:
+    provider = res(PROVIDER, "arc", region=region)
+    cluster = {**res(ARC_TYPES[0], "cluster", name="audit-kit-dr"), "provider_name": "arc"}
+    return _one("eu-west-1", provider, cluster)
 
 
 def _eks(mode: str | None) -> Account:
@@ -1024,10 +1098,38 @@ CONSTRAINTS: tuple[Constraint, ...] = (
         lambda: _records(primary_check=False),
         lambda: _records()),
     Constraint(
+        "route53-recovery-control-health-check", "Route 53",
+        "A health check of type RECOVERY_CONTROL reflects one ARC routing control (On is "
+        "healthy) and must name it (RoutingControlArn); it probes no endpoint, so it takes "
+        "no FQDN, IP address, port or path.",
+        "https://docs.aws.amazon.com/Route53/latest/APIReference/API_HealthCheckConfig.html",
+        (HEALTH_CHECK,), check_recovery_control_health_checks,
+        lambda: _recovery_checks(arn=False),
+        lambda: _recovery_checks()),
+    Constraint(
+        "route53-failover-health-check-exists", "Route 53",
+        "A failover record's HealthCheckId must name an existing health check (Route 53 "
+        "refuses the change with NoSuchHealthCheck); the PRIMARY's decides when it fails "
+        "over, so it must be the one the stack declares.",
+        "https://docs.aws.amazon.com/Route53/latest/APIReference/API_ResourceRecordSet.html",
+        (RECORD, HEALTH_CHECK), check_failover_health_checks_exist,
+        lambda: _checked_records(declared=False),
+        lambda: _checked_records()),
+    Constraint(
+        "arc-config-in-us-west-2", "Route 53 ARC",
+        "ARC's recovery control configuration API (clusters, control panels, routing "
+        "controls, safety rules) is served only in US West (Oregon): declare them through a "
+        "us-west-2 provider, whatever the stack's region. Routing control states are changed "
+        "on the cluster's regional endpoints instead.",
+        "https://docs.aws.amazon.com/recovery-cluster/latest/api/what-is-recovery-control.html",
+        ARC_TYPES, check_arc_config_region,
+        lambda: _arc("us-east-1"),
+        lambda: _arc("us-west-2")),
+    Constraint(
         "eks-access-entries-mode", "EKS",
         "Access entries exist only on a cluster whose authentication mode is API or "
         "API_AND_CONFIG_MAP (the API default is CONFIG_MAP).",
-        "https://docs.aws.amazon.com/eks/latest/userguide/setting-up-access-entries.html",
+        "https://docs.aws.amazon.com/eks/latest/userguide/access-entries.html",
         (ACCESS_ENTRY, EKS), check_access_entries_mode,
         lambda: _eks("CONFIG_MAP"),
         lambda: _eks("API")),

@@ -5,7 +5,8 @@ call is recorded (type, name, inputs, which inputs are secret) and answered with
 outputs (ids, ARNs, endpoints); invokes (``getCallerIdentity``, ``getVpc``, ``getCluster``,
 ...) and the ``pulumi:pulumi:StackReference`` to prod get canned answers. Resource options
 are invisible to mocks, so a (client-side) stack transformation records ``protect``,
-``parent`` and ``provider`` of each resource as the program declares it. Resource transforms
+``parent``, ``provider`` and ``ignore_changes`` of each resource as the program declares
+it. Resource transforms
 that the program registers with the engine (``register_resource_transform``, as
 ``infra/tagging.py`` does) are run by `RecordingMocks` on every registration, as the engine
 would run them.
@@ -48,6 +49,13 @@ SECRET_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 PRIMARY_REGION = "us-east-1"
+TEST_CONFIG: dict[str, dict[str, str]] = {
+    # Set by the operator with `pulumi config set --secret` (infra/dr.py); made up here.
+    "dr": {"audit-kit:primaryWorkerPassword": f"{MOCK_SECRET_PREFIX}prod-worker"},
+}
+ARC_ENDPOINT_REGIONS: tuple[str, ...] = (
+    "us-east-1", "us-west-2", "eu-west-1", "ap-northeast-1", "ap-southeast-2")
+"""An ARC cluster has five regional data-plane endpoints."""
 
 
 def _arn(service: str, region: str, resource: str) -> str:
@@ -161,7 +169,7 @@ class RecordingMocks(Mocks):
             rid = f"sg-{h}"
             out = {"arn": _arn("ec2", region, f"security-group/{rid}")}
         elif typ == "aws:rds/instance:Instance":
-            rid = f"{name}-{h}"
+            rid = str(inputs.get("identifier") or f"{name}-{h}")  # AWS keeps an explicit one
             address = f"{rid}.c0ffee.{region}.rds.amazonaws.com"
             out = {
                 "identifier": rid,
@@ -204,9 +212,10 @@ class RecordingMocks(Mocks):
             issuer = str(inputs.get("url", "")).removeprefix("https://")
             out = {"arn": f"arn:aws:iam::{ACCOUNT}:oidc-provider/{issuer}"}
         elif typ == "aws:eks/cluster:Cluster":
+            cluster_name = str(inputs.get("name") or f"{name}-{h}")  # an explicit name is kept
             out = {
-                "name": f"{name}-{h}",
-                "arn": _arn("eks", region, f"cluster/{name}-{h}"),
+                "name": cluster_name,
+                "arn": _arn("eks", region, f"cluster/{cluster_name}"),
                 "endpoint": f"https://{h.upper()}.gr7.{region}.eks.amazonaws.com",
                 "certificateAuthority": {"data": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t"},
                 "identities": [{"oidcs": [{
@@ -218,6 +227,18 @@ class RecordingMocks(Mocks):
         elif typ == "aws:ec2/launchTemplate:LaunchTemplate":
             rid = f"lt-{h}"
             out = {"latestVersion": 1, "arn": _arn("ec2", region, f"launch-template/{rid}")}
+        elif typ == "aws:route53recoverycontrol/cluster:Cluster":
+            rid = f"arn:aws:route53-recovery-control::{ACCOUNT}:cluster/{h}"
+            out = {"arn": rid, "status": "DEPLOYED", "clusterEndpoints": [
+                {"region": r, "endpoint": f"https://{h}.route53-recovery-cluster.{r}.amazonaws.com/v1"}
+                for r in ARC_ENDPOINT_REGIONS]}
+        elif typ == "aws:route53recoverycontrol/controlPanel:ControlPanel":
+            rid = f"arn:aws:route53-recovery-control::{ACCOUNT}:controlpanel/{h}"
+            out = {"arn": rid, "status": "DEPLOYED"}
+        elif typ == "aws:route53recoverycontrol/routingControl:RoutingControl":
+            panel = str(inputs.get("controlPanelArn", ""))
+            rid = f"{panel}/routingcontrol/{h}"
+            out = {"arn": rid, "status": "DEPLOYED"}
         elif typ == "aws:route53/healthCheck:HealthCheck":
             rid = f"{h}-0000-4000-8000-health"
         elif typ == "kubernetes:helm.sh/v3:Release":
@@ -309,7 +330,7 @@ def evaluate(stack: str, overrides: dict[str, str] | None = None) -> dict[str, A
     from pulumi.runtime.sync_await import _sync_await
 
     started = time.perf_counter()
-    config = {**stack_config(stack), **(overrides or {})}
+    config = {**stack_config(stack), **TEST_CONFIG.get(stack, {}), **(overrides or {})}
     pulumi.runtime.set_all_config(config)
     mocks = RecordingMocks(region=config["aws:region"])
     pulumi.runtime.set_mocks(mocks, project="audit-kit", stack=stack, preview=False)
@@ -326,6 +347,10 @@ def evaluate(stack: str, overrides: dict[str, str] | None = None) -> dict[str, A
                        if isinstance(parent, pulumi.Resource) and hasattr(parent, "_type")
                        else None),
             "provider": bool(args.opts and args.opts.provider),
+            # Which explicit provider (its logical name): the region checks look it up.
+            "provider_name": (getattr(args.opts.provider, "_name", None)
+                              if args.opts and args.opts.provider else None),
+            "ignore_changes": list(args.opts.ignore_changes or []) if args.opts else [],
         }
         return None
 
@@ -353,7 +378,8 @@ def evaluate(stack: str, overrides: dict[str, str] | None = None) -> dict[str, A
 
     for resource in mocks.resources:
         resource.update(options.get((resource["type"], resource["name"]),
-                                    {"protect": False, "parent": None, "provider": False}))
+                                    {"protect": False, "parent": None, "provider": False,
+                                     "provider_name": None, "ignore_changes": []}))
     return {
         "stack": stack,
         "error": error,

@@ -144,7 +144,8 @@ def urn(stack: str, resource: dict[str, Any]) -> str:
 
 def _options(resource: dict[str, Any]) -> PolicyResourceOptions:
     return PolicyResourceOptions(
-        protect=bool(resource.get("protect")), ignore_changes=[], delete_before_replace=None,
+        protect=bool(resource.get("protect")),
+        ignore_changes=list(resource.get("ignore_changes") or []), delete_before_replace=None,
         aliases=[], custom_timeouts=PolicyCustomTimeouts(0, 0, 0),
         additional_secret_outputs=[], parent=resource.get("parent"))
 

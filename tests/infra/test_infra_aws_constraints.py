@@ -20,6 +20,7 @@ from aws_constraints import (
     BUCKET,
     CONSTRAINTS,
     DB,
+    EKS,
     PARAMETER_GROUP,
     PASSWORD,
     RECORD,
@@ -118,7 +119,14 @@ def _old_parameter_group_family(s: dict[str, Any]) -> None:
     _resource(s, "dev", PARAMETER_GROUP, "database-params")["inputs"]["family"] = "postgres15"
 
 
+def _prod_cluster_in_config_map_mode(s: dict[str, Any]) -> None:
+    cluster = next(r for r in s["prod"]["resources"] if r["type"] == EKS)
+    cluster["inputs"]["accessConfig"]["authenticationMode"] = "CONFIG_MAP"
+
+
 BROKEN: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
+    "prod-access-entries-on-a-config-map-cluster": ("eks-access-entries-mode",
+                                                    _prod_cluster_in_config_map_mode),
     "dr-replica-without-its-region-key": ("rds-cross-region-replica-kms", _drop_replica_key),
     "prod-source-without-backups": ("rds-replica-source-backups", _prod_without_backups),
     "auth-token-with-default-specials": ("elasticache-auth-token-format",

@@ -141,7 +141,9 @@ def test_values_follow_the_settings() -> None:
     assert values["networkPolicy"]["egress"]["postgresCidrs"] == ["10.30.0.0/16"]
     assert values["serviceAccount"]["name"] == "audit-worker"
     assert values["secrets"]["existingSecret"] == "audit-worker-connections"
-    assert values["migration"] == {"enabled": True, "slot": ""}
+    assert {k: values["migration"][k] for k in ("enabled", "slot")} == {
+        "enabled": True, "slot": ""}
+    assert values["migration"]["serviceAccount"]["name"] == "audit-worker-migrate"
 
 
 def test_a_preview_of_a_new_image_runs_the_idle_slot_and_its_migrations() -> None:
@@ -273,27 +275,47 @@ def test_prods_network_policy_admits_the_monitoring_namespace_on_8080_and_nothin
     }]
 
 
-def test_prods_release_runs_migrations_as_the_owner_and_workers_as_the_writer(
+def test_prods_release_bootstraps_then_migrates_with_iam_and_workers_sign_in_with_iam(
         tmp_path: Path) -> None:
     values = stackkit.one("prod", stackkit.RELEASE)["inputs"]["values"]
     docs = _render(values, tmp_path)
+    address = stackkit.summary("prod")["outputs"]["dbAddress"]["value"]
 
-    def database_url(pod_spec: dict[str, Any], container: str = "containers") -> Any:
-        env = {e["name"]: e for e in pod_spec[container][0]["env"]}
-        return env["AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    def env(container: dict[str, Any]) -> dict[str, Any]:
+        return {e["name"]: e for e in container["env"]}
 
     (job,) = [d for d in docs if d["kind"] == "Job"]
     job_pod = job["spec"]["template"]["spec"]
-    owner = {"name": "audit-worker-migration", "key": "migration-database-url"}
-    assert database_url(job_pod) == owner
-    assert database_url(job_pod, "initContainers") == {**owner, "optional": True}
+    (bootstrap,) = job_pod["initContainers"]
+    assert bootstrap["command"][:2] == ["audit-worker", "bootstrap"]
+    boot = env(bootstrap)
+    assert boot["AUDIT_MASTER_SECRET_ARN"]["value"] == stackkit.summary("prod")["outputs"][
+        "dbMasterSecretArn"]["value"]
+    assert boot["AUDIT_BOOTSTRAP_DATABASE_URL"]["value"] == (
+        f"postgresql://{address}:5432/audit?sslmode=verify-full")
+    migrate = env(job_pod["containers"][0])
+    assert migrate["AUDIT_DATABASE_AUTH"]["value"] == "iam"
+    assert migrate["AUDIT_DATABASE_URL"]["value"] == (
+        f"postgresql://auditlog_migrator@{address}:5432/audit?sslmode=verify-full")
+    assert job_pod["serviceAccountName"] == "audit-worker-migrate"
     deployments = [d for d in docs if d["kind"] == "Deployment"]
     assert len(deployments) == 2
     for deployment in deployments:
         pod = deployment["spec"]["template"]["spec"]
-        assert database_url(pod) == {"name": CONNECTIONS_SECRET, "key": "database-url"}
-        names = {e["name"] for e in pod["containers"][0]["env"]}
-        assert "AUDIT_INTAKE_TOKENS" not in names  # the intake stays off in the cloud
+        worker = env(pod["containers"][0])
+        # The URL comes from the connections Secret (a variable or a mounted file), never a
+        # literal value; it names the login only.
+        assert "value" not in worker.get("AUDIT_DATABASE_URL", {})
+        assert CONNECTIONS_SECRET in json.dumps(pod)
+        assert worker["AUDIT_DATABASE_AUTH"]["value"] == "iam"
+        assert "AUDIT_INTAKE_TOKENS" not in worker  # the intake stays off in the cloud
+
+
+def test_dr_has_no_master_secret_so_its_migration_job_never_bootstraps() -> None:
+    values = stackkit.one("dr", stackkit.RELEASE)["inputs"]["values"]
+    assert values["databaseAuth"] == "iam"
+    # The replica carries prod's logins; after a promotion the Job migrates with a token.
+    assert values["migration"]["bootstrap"]["enabled"] is False
 
 
 def test_archive_detach_setting_reaches_the_chart_values() -> None:
@@ -306,3 +328,30 @@ def test_archive_detach_setting_reaches_the_chart_values() -> None:
                           green_image="1.4.1", bindings=BINDINGS)
     assert values["aws"]["archiveDetachVerifiedMonths"] is True
     jsonschema.validate(merged(values), SCHEMA)
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_an_image_pinned_by_digest_reaches_its_slot_and_pulls_if_not_present() -> None:
+    values = values_for("prod", blue_image=f"1.4.2@{DIGEST}", green_image=f"1.4.1@{DIGEST}")
+    assert values["slots"]["blue"] == {"tag": "1.4.2", "replicas": 3, "digest": DIGEST}
+    assert values["image"]["pullPolicy"] == "IfNotPresent"
+    jsonschema.validate(merged(values), SCHEMA)
+
+
+def test_a_tag_alone_is_pulled_always_since_it_can_be_moved() -> None:
+    values = values_for("prod", blue_image=f"1.4.2@{DIGEST}", green_image="1.4.1")
+    assert "digest" not in values["slots"]["green"]
+    assert values["image"]["pullPolicy"] == "Always"
+
+
+@pytest.mark.parametrize("bad", ["1.4.2@sha256:abc", "1.4.2@md5:" + "ab" * 16,
+                                 "1.4.2@" + DIGEST.upper(), "@" + DIGEST])
+def test_a_bad_digest_is_refused_with_the_config_key(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"blueImage: "):
+        values_for("dev", blue_image=bad)
+
+
+def test_the_worker_pods_get_no_kubernetes_api_token() -> None:
+    assert values_for("prod")["serviceAccount"]["automountToken"] is False

@@ -89,6 +89,9 @@ def test_cmk_encryption_passes_encrypted_stores() -> None:
         "sseAlgorithm": "AES256"}}]}, "aws:kms"),
     (hipaa.EKS_CLUSTER, {}, "encryptionConfig"),
     (hipaa.SECRET, {"description": "uses aws/secretsmanager"}, "kmsKeyId"),
+    (hipaa.SECRET, {"kmsKeyId": "alias/aws/secretsmanager"}, "AWS-managed"),
+    (hipaa.REDIS_GROUP, with_(GOOD_REDIS, kmsKeyId="arn:aws:kms:us-east-1:1:alias/aws/elasticache"),
+     "AWS-managed"),
 ])
 def test_cmk_encryption_fails_without_a_customer_managed_key(
         type_: str, props: dict[str, Any], reason: str) -> None:
@@ -126,6 +129,8 @@ def test_private_data_stores_pass() -> None:
     (hipaa.RDS_INSTANCE, with_(GOOD_DB, publiclyAccessible=True), "publiclyAccessible"),
     (hipaa.RDS_INSTANCE, with_(GOOD_DB, publiclyAccessible=None), "publiclyAccessible"),
     (hipaa.REDIS_GROUP, with_(GOOD_REDIS, subnetGroupName=None), "subnetGroupName"),
+    (hipaa.REDIS_GROUP, with_(GOOD_REDIS, securityGroupIds=[]), "securityGroupIds"),
+    (hipaa.INGRESS_RULES[0], {"cidrIpv6": "::/0", "fromPort": 443, "toPort": 443}, "::/0"),
     (hipaa.INGRESS_RULES[0], {"cidrIpv4": "0.0.0.0/0", "fromPort": 5432, "toPort": 5432},
      "0.0.0.0/0"),
     (hipaa.SECURITY_GROUP, {"ingress": [{"cidrBlocks": ["0.0.0.0/0"], "fromPort": 6379,
@@ -333,7 +338,7 @@ def test_no_plaintext_secret_outputs() -> None:
 
 def test_policies_are_plain_objects_with_unique_names() -> None:
     names = [p.name for p in hipaa.POLICIES]
-    assert len(names) == len(set(names)) == 11
+    assert len(names) == len(set(names)) == 15
     assert all(p.description for p in hipaa.POLICIES)
 
 

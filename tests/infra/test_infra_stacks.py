@@ -33,7 +33,11 @@ from stackkit import (
     summary,
 )
 
+from infra.cluster import WORKER_POD_LABELS
 from infra.dr import PRIMARY_OUTPUTS
+from infra.settings import load_environment
+
+ROUTING_CONTROL = "aws:route53recoverycontrol/routingControl:RoutingControl"
 
 
 def key_arn(stack: str, purpose: str) -> str:
@@ -63,6 +67,7 @@ def test_stack_declares_its_layers_as_components(stack: str) -> None:
     expected = {"audit:infra:Keys", "audit:infra:Network", "audit:infra:Database",
                 "audit:infra:Cache", "audit:infra:Cluster", "audit:infra:Workload"}
     expected |= {"audit:infra:Failover"} if stack == "dr" else {"audit:infra:Archive"}
+    expected |= {"audit:infra:Compliance"}
     assert components == expected
 
 
@@ -81,12 +86,16 @@ UNTAGGABLE = {
     "aws:kms/alias:Alias", "aws:iam/rolePolicy:RolePolicy",
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
     "aws:secretsmanager/secretVersion:SecretVersion", "aws:route53/record:Record",
+    "aws:route53recoverycontrol/routingControl:RoutingControl",
     "aws:s3/bucketOwnershipControls:BucketOwnershipControls",
     "aws:s3/bucketVersioning:BucketVersioning",
     "aws:s3/bucketObjectLockConfiguration:BucketObjectLockConfiguration",
     "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
     "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock", "aws:s3/bucketPolicy:BucketPolicy",
     "aws:s3/bucketReplicationConfig:BucketReplicationConfig",
+    "aws:eks/accessPolicyAssociation:AccessPolicyAssociation",
+    "aws:backup/vaultLockConfiguration:VaultLockConfiguration",
+    "aws:backup/selection:Selection",
 }
 
 
@@ -191,7 +200,8 @@ def test_hardened_keys_and_archive_are_protected(stack: str) -> None:
 
 
 def test_prod_keys_are_multi_region_and_the_signing_key_does_not_rotate() -> None:
-    keys = {k["name"]: k["inputs"] for k in resources("prod", KEY)}
+    keys = {k["name"]: k["inputs"] for k in resources("prod", KEY)
+            if k["parent"] == "audit:infra:Keys::keys"}  # compliance's keys are single-region
     assert all(k["multiRegion"] is True for k in keys.values())
     signing = keys["keys-signing"]
     assert signing["customerMasterKeySpec"] == "ECC_NIST_P256"
@@ -219,8 +229,6 @@ def test_database_uses_the_database_key(stack: str) -> None:
 def test_cache_uses_the_cache_key_and_its_token_secret_the_secrets_key(stack: str) -> None:
     assert one(stack, CACHE)["inputs"]["kmsKeyId"] == key_arn(stack, "cache")
     assert by_name(stack, "cache-auth-secret")["inputs"]["kmsKeyId"] == key_arn(stack, "secrets")
-    assert by_name(stack, "database-worker-credentials")["inputs"]["kmsKeyId"] == key_arn(
-        stack, "secrets")
 
 
 @pytest.mark.parametrize("stack", ["dev", "prod"])
@@ -234,7 +242,8 @@ def test_archive_is_locked_and_encrypted_with_the_archive_key(stack: str) -> Non
     bucket = by_name(stack, "archive-bucket")
     assert bucket["inputs"]["objectLockEnabled"] is True
     lock = by_name(stack, "archive-bucket-object-lock")["inputs"]
-    assert lock["rule"] == {"defaultRetention": {"mode": "COMPLIANCE", "years": 6}}
+    assert lock["rule"] == {"defaultRetention": load_environment(
+        stack).cloud().archive.default_retention()}
     sse = by_name(stack, "archive-bucket-encryption")["inputs"]["rules"][0]
     assert sse["applyServerSideEncryptionByDefault"] == {
         "sseAlgorithm": "aws:kms", "kmsMasterKeyId": key_arn(stack, "archive")}
@@ -290,8 +299,151 @@ def test_new_clusters_nodes_join_the_worker_group_and_require_imdsv2(stack: str)
     assert worker_sg in template["vpcSecurityGroupIds"]
     assert template["metadataOptions"]["httpTokens"] == "required"
     assert template["metadataOptions"]["httpPutResponseHopLimit"] == 1
-    assert by_name(stack, "network-db-from-worker")["inputs"][
-        "referencedSecurityGroupId"] == worker_sg
+    # The stores admit the worker's pods only (their own group), not the nodes' group.
+    pod_sg = by_name(stack, "network-worker-pod-sg")["id"]
+    for store in ("db", "cache"):
+        assert by_name(stack, f"network-{store}-from-worker")["inputs"][
+            "referencedSecurityGroupId"] == pod_sg != worker_sg
+
+
+NEW_CLUSTERS = ["dev", "prod", "dr"]
+ADDON = "aws:eks/addon:Addon"
+ACCESS_ENTRY = "aws:eks/accessEntry:AccessEntry"
+ASSOCIATION = "aws:eks/accessPolicyAssociation:AccessPolicyAssociation"
+SG_POLICY = "kubernetes:vpcresources.k8s.aws/v1beta1:SecurityGroupPolicy"
+
+
+@pytest.mark.parametrize("stack", NEW_CLUSTERS)
+def test_new_cluster_api_is_public_only_to_the_runners_and_private_inside(stack: str) -> None:
+    settings = load_environment(stack).cloud().cluster
+    vpc = one(stack, EKS)["inputs"]["vpcConfig"]
+    assert vpc["endpointPrivateAccess"] is True
+    assert vpc["endpointPublicAccess"] is True
+    assert vpc["publicAccessCidrs"] == settings.public_access_cidrs
+    assert "0.0.0.0/0" not in vpc["publicAccessCidrs"]
+
+
+def test_a_private_endpoint_has_no_public_access(tmp_path: Path) -> None:
+    data = yaml.safe_load((stackkit.ROOT / "environments" / "prod.yaml").read_text())
+    data["cluster"].update(endpoint_access="private", runner_in_vpc=True, public_access_cidrs=[])
+    path = tmp_path / "prod.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = stackkit.evaluate_with("prod", {"audit-kit:environment": str(path)})
+    assert result["error"] is None
+    (eks,) = [r for r in result["resources"] if r["type"] == EKS]
+    vpc = eks["inputs"]["vpcConfig"]
+    assert (vpc["endpointPrivateAccess"], vpc["endpointPublicAccess"]) == (True, False)
+    assert "publicAccessCidrs" not in vpc
+
+
+@pytest.mark.parametrize("stack", NEW_CLUSTERS)
+def test_only_the_listed_roles_have_access_each_with_its_policy(stack: str) -> None:
+    access = load_environment(stack).cloud().cluster.access
+    config = one(stack, EKS)["inputs"]["accessConfig"]
+    assert config == {"authenticationMode": "API",
+                      "bootstrapClusterCreatorAdminPermissions": False}
+    cluster_name = stackkit.state(one(stack, EKS))["name"]
+    entries = resources(stack, ACCESS_ENTRY)
+    assert sorted(e["inputs"]["principalArn"] for e in entries) == sorted(
+        arn for _, arn in access.roles())
+    assert {e["inputs"]["clusterName"] for e in entries} == {cluster_name}
+    granted = {(a["inputs"]["principalArn"], a["inputs"]["policyArn"],
+                json.dumps(a["inputs"]["accessScope"], sort_keys=True))
+               for a in resources(stack, ASSOCIATION)}
+    policy = "arn:aws:eks::aws:cluster-access-policy/"
+    namespace = json.dumps({"namespaces": ["audit"], "type": "namespace"}, sort_keys=True)
+    want = {(arn, f"{policy}AmazonEKSClusterAdminPolicy", '{"type": "cluster"}')
+            for arn in access.admins}
+    want |= {(arn, f"{policy}AmazonEKSEditPolicy", namespace) for arn in access.operators}
+    want |= {(arn, f"{policy}AmazonEKSViewPolicy", namespace) for arn in access.viewers}
+    assert granted == want and access.admins
+
+
+def test_dr_drill_role_operates_the_worker_namespace() -> None:
+    drill = "arn:aws:iam::111122223333:role/audit-kit-dr-drill"
+    (association,) = [a for a in resources("dr", ASSOCIATION)
+                      if a["inputs"]["principalArn"] == drill]
+    assert association["inputs"]["policyArn"].endswith("/AmazonEKSEditPolicy")
+    assert association["inputs"]["accessScope"] == {"type": "namespace",
+                                                    "namespaces": ["audit"]}
+
+
+@pytest.mark.parametrize("stack", NEW_CLUSTERS)
+def test_vpc_cni_addon_enforces_network_policy_and_gives_pods_interfaces(stack: str) -> None:
+    addon = one(stack, ADDON)["inputs"]
+    assert addon["addonName"] == "vpc-cni"
+    assert json.loads(addon["configurationValues"]) == {
+        "enableNetworkPolicy": "true",
+        "env": {"ENABLE_POD_ENI": "true"},
+        "init": {"env": {"DISABLE_TCP_EARLY_DEMUX": "true"}},
+    }
+    assert addon["resolveConflictsOnCreate"] == "OVERWRITE"
+    cluster_role = by_name(stack, "cluster-cluster-role")["outputs"]["name"]
+    controller = by_name(stack, "cluster-cluster-vpc-resource-controller")["inputs"]
+    assert controller == {"role": cluster_role, "policyArn":
+                          "arn:aws:iam::aws:policy/AmazonEKSVPCResourceController"}
+
+
+@pytest.mark.parametrize("stack", NEW_CLUSTERS)
+def test_worker_pods_get_their_own_security_group(stack: str) -> None:
+    pod_sg = by_name(stack, "network-worker-pod-sg")["id"]
+    node_sg = by_name(stack, "network-worker-sg")["id"]
+    policy = one(stack, SG_POLICY)
+    assert policy["provider"] and policy["inputs"]["metadata"]["namespace"] == "audit"
+    assert policy["inputs"]["spec"] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "audit-worker"}},
+        "securityGroups": {"groupIds": [pod_sg]}}
+    rules = {r["name"]: r["inputs"] for r in resources(stack) if r["type"] in (
+        "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+        "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule")}
+    vpc_cidr = output(stack, "vpcId") and load_environment(stack).cloud().network.vpc_cidr
+
+    def rule(name: str) -> tuple[Any, ...]:
+        r = rules[f"network-{name}"]
+        return (r["securityGroupId"], r["ipProtocol"], r["fromPort"], r["toPort"],
+                r.get("referencedSecurityGroupId") or r.get("cidrIpv4"))
+
+    # Probes, Prometheus and producers come from the nodes; the pods reach their stores, DNS
+    # on the nodes and the API endpoints; nothing else involves the pod group.
+    assert rule("worker-pod-from-nodes-8080") == (pod_sg, "tcp", 8080, 8080, node_sg)
+    assert rule("worker-pod-from-nodes-8081") == (pod_sg, "tcp", 8081, 8081, node_sg)
+    assert rule("worker-pod-to-db") == (pod_sg, "tcp", 5432, 5432,
+                                        by_name(stack, "network-db-sg")["id"])
+    assert rule("worker-pod-to-cache") == (pod_sg, "tcp", 6379, 6379,
+                                           by_name(stack, "network-cache-sg")["id"])
+    assert rule("worker-pod-to-https") == (pod_sg, "tcp", 443, 443, vpc_cidr)
+    assert rule("worker-pod-to-dns-udp") == (pod_sg, "udp", 53, 53, vpc_cidr)
+    assert rule("nodes-dns-udp-from-worker-pods") == (node_sg, "udp", 53, 53, pod_sg)
+    involved = {n for n, r in rules.items()
+                if pod_sg in (r["securityGroupId"], r.get("referencedSecurityGroupId"))}
+    assert len(involved) == 11, sorted(involved)
+
+
+def test_the_policy_selects_the_label_the_chart_puts_on_its_pods() -> None:
+    chart = yaml.safe_load((stackkit.ROOT / "charts" / "audit-worker" / "Chart.yaml").read_text())
+    helpers = (stackkit.ROOT / "charts" / "audit-worker" / "templates" / "_helpers.tpl").read_text()
+    assert 'app.kubernetes.io/name: {{ include "audit-worker.name" . }}' in helpers
+    assert chart["name"] == WORKER_POD_LABELS["app.kubernetes.io/name"]
+    for stack in NEW_CLUSTERS:
+        values = one(stack, RELEASE)["inputs"]["values"]
+        assert not values.get("nameOverride"), f"{stack}: the pods' name label would change"
+
+
+def test_an_existing_cluster_gets_no_pod_security_group_or_access_entries() -> None:
+    for type_ in (ADDON, ACCESS_ENTRY, ASSOCIATION, SG_POLICY):
+        assert resources("staging", type_) == []
+    assert not [r for r in resources("staging") if "worker-pod" in r["name"]]
+
+
+@pytest.mark.parametrize("stack", NEW_CLUSTERS)
+def test_node_group_desired_size_is_left_to_whoever_resizes_it(stack: str) -> None:
+    nodes = one(stack, "aws:eks/nodeGroup:NodeGroup")
+    assert nodes["ignore_changes"] == ["scalingConfig.desiredSize"]
+    lo, want, hi = load_environment(stack).cloud().cluster.node_scaling()
+    assert nodes["inputs"]["scalingConfig"] == {"minSize": lo, "desiredSize": want,
+                                                "maxSize": hi}
+    # Nothing else in the stack ignores changes.
+    assert [r["name"] for r in resources(stack) if r.get("ignore_changes")] == [nodes["name"]]
 
 
 def _policy(stack: str, name: str) -> dict[str, Any]:
@@ -331,8 +483,9 @@ def test_worker_policy_allows_exactly_its_resources_and_no_wildcard(stack: str) 
         "kms:Decrypt": {key_arn(stack, "data"), key_arn(stack, "secrets"), archive_key},
         "kms:Sign": {key_arn(stack, "signing")},
         "kms:GetPublicKey": {key_arn(stack, "signing")},
-        "secretsmanager:GetSecretValue": {by_name(stack, "database-worker-credentials")[
-            "outputs"]["arn"], by_name(stack, "cache-auth-secret")["outputs"]["arn"]},
+        # The Redis AUTH token only: the worker has no database password (IAM auth).
+        "secretsmanager:GetSecretValue": {by_name(stack, "cache-auth-secret")["outputs"]["arn"]},
+        "rds-db:connect": {_login_arn(stack, "audit_worker")},
         "s3:PutObject": {f"{bucket_arn}/*"},
         "s3:GetObject": {f"{bucket_arn}/*"},
         # The worker's /healthz/external: DescribeKey on both keys, HeadBucket on the bucket.
@@ -369,7 +522,8 @@ def test_connection_secret_is_secret_and_points_at_this_stacks_stores(stack: str
     assert secret["inputs"]["metadata"]["name"] == "audit-worker-connections"
     assert "stringData" in secret["secret_inputs"]
     urls = secret["inputs"]["stringData"]
-    assert urls["database-url"].startswith("postgresql://audit_worker:")
+    # No password: the worker signs in with an RDS IAM token (rds-db:connect).
+    assert urls["database-url"].startswith("postgresql://audit_worker@")
     assert f"@{output(stack, 'dbAddress')}:5432/audit?sslmode=verify-full" in urls["database-url"]
     assert urls["redis-url"].startswith("rediss://:")
     assert f"@{output(stack, 'redisPrimaryEndpoint')}:6379/0" in urls["redis-url"]
@@ -436,14 +590,14 @@ def test_dr_replica_source_is_prods_database_and_uses_the_dr_replica_key() -> No
     for absent in ("engine", "username", "manageMasterUserPassword", "allocatedStorage"):
         assert absent not in replica["inputs"]
     assert output("dr", "dbReplicaSourceArn") == PROD_OUTPUTS["dbInstanceArn"]
-    assert output("dr", "dbReplicaIdentifier") == replica["outputs"]["identifier"]
+    assert output("dr", "dbReplicaIdentifier") == stackkit.state(replica)["identifier"]
 
 
 def test_dr_replicates_every_key_but_the_archive_key() -> None:
     replicas = {k["name"]: k["inputs"]["primaryKeyArn"] for k in resources("dr", REPLICA_KEY)}
     assert replicas == {f"keys-{p}-replica": PROD_OUTPUTS["keyArns"][p]
                         for p in ("database", "cache", "secrets", "data", "signing")}
-    assert resources("dr", KEY) == []
+    assert [k for k in resources("dr", KEY) if k["parent"] == "audit:infra:Keys::keys"] == []
 
 
 def test_dr_uses_prods_replica_archive_bucket() -> None:
@@ -463,32 +617,73 @@ def test_dr_worker_is_a_pilot_light_without_migrations() -> None:
     assert values["logId"] == "audit-prod"
 
 
-def test_dr_failover_records_primary_prod_secondary_dr() -> None:
-    health = one("dr", HEALTH_CHECK)["inputs"]
-    assert health["fqdn"] == "health.audit.example-hospital.org"
-    assert health["resourcePath"] == "/readyz"
+def test_dr_failover_records_are_txt_endpoint_names_switched_by_arc_routing_controls() -> None:
+    checks = {r["name"]: r for r in resources("dr", HEALTH_CHECK)}
+    assert set(checks) == {"failover-prod-health", "failover-dr-health"}
+    controls = {r["name"]: r for r in resources("dr", ROUTING_CONTROL)}
+    for site in ("prod", "dr"):
+        health = checks[f"failover-{site}-health"]["inputs"]
+        assert health["type"] == "RECOVERY_CONTROL"  # nothing probes prod: no day-one flip
+        assert health["routingControlArn"] == controls[f"failover-{site}"]["id"]
     records = {r["name"]: r["inputs"] for r in resources("dr", RECORD)}
     intake_p, intake_s = records["failover-intake-primary"], records["failover-intake-secondary"]
+    assert {r["type"] for r in records.values()} == {"TXT"}  # no CNAME: TLS names hold
     assert intake_p["failoverRoutingPolicies"] == [{"type": "PRIMARY"}]
     assert intake_s["failoverRoutingPolicies"] == [{"type": "SECONDARY"}]
     assert intake_p["records"] == [PROD_OUTPUTS["redisPrimaryEndpoint"]]
     assert intake_s["records"] == [output("dr", "redisPrimaryEndpoint")]
-    assert intake_p["healthCheckId"] == one("dr", HEALTH_CHECK)["id"]
+    assert intake_p["healthCheckId"] == checks["failover-prod-health"]["id"]
+    assert intake_s["healthCheckId"] == checks["failover-dr-health"]["id"]
     db_p, db_s = records["failover-db-primary"], records["failover-db-secondary"]
     assert db_p["records"] == [PROD_OUTPUTS["dbAddress"]]
     assert db_s["records"] == [output("dr", "dbAddress")]
     assert {r["zoneId"] for r in records.values()} == {"Z0123456789ABCDEFGHIJ"}
     assert output("dr", "intakeRecordName") == "intake.audit.example-hospital.org"
     assert output("dr", "hostedZoneId") == "Z0123456789ABCDEFGHIJ"
+    assert set(output("dr", "routingControlArns")) == {"prod", "dr"}
+    assert len(output("dr", "arcClusterEndpoints")) == 5
 
 
-def test_dr_worker_password_comes_from_prods_secret_not_an_output() -> None:
+def test_no_stack_has_a_database_password_for_the_worker_or_the_migrations() -> None:
+    for stack in STACKS:
+        assert not [r for r in resources(stack, "aws:secretsmanager/secret:Secret")
+                    if r["name"] == "database-worker-credentials"], stack
+        generated = [r["name"] for r in resources(
+            stack, "random:index/randomPassword:RandomPassword")]
+        assert generated == ["cache-auth-token"], stack
+
+
+def test_dr_reads_nothing_of_prods_secrets_and_needs_no_password_config() -> None:
     calls = [c for c in summary("dr")["calls"]
              if c["token"] == "aws:secretsmanager/getSecretVersion:getSecretVersion"]
-    assert [c["args"]["secretId"] for c in calls] == [PROD_OUTPUTS["dbWorkerSecretArn"]]
-    assert calls[0]["args"]["region"] == "us-east-1"
-    generated = [r["name"] for r in resources("dr", "random:index/randomPassword:RandomPassword")]
-    assert generated == ["cache-auth-token"]  # no new worker password: the replica has prod's
+    assert calls == []  # prod's Secrets Manager is in prod's region
+    result = stackkit.evaluate_with("dr", {"audit-kit:primaryWorkerPassword": ""})
+    assert not result["error"], result["error"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_migration_role_signs_in_as_the_migrator_and_reads_only_the_master_secret(
+        stack: str) -> None:
+    policy = _policy(stack, "cluster-migration-policy")
+    grants = {a: set(st["Resource"]) for st in policy["Statement"] for a in st["Action"]}
+    master = summary(stack)["outputs"].get("dbMasterSecretArn", {}).get("value")
+    expected: dict[str, set[str]] = {"rds-db:connect": {_login_arn(stack, "auditlog_migrator")}}
+    if master:  # a DR replica has no master secret of its own: no bootstrap there
+        expected |= {"secretsmanager:GetSecretValue": {master},
+                     "kms:Decrypt": {key_arn(stack, "secrets")}}
+    assert grants == expected
+    trust = json.loads(by_name(stack, "cluster-migration-role")["inputs"]["assumeRolePolicy"])
+    (condition,) = [v for k, v in trust["Statement"][0]["Condition"]["StringEquals"].items()
+                    if k.endswith(":sub")]
+    assert condition == "system:serviceaccount:audit:audit-worker-migrate"
+
+
+def _login_arn(stack: str, login: str) -> str:
+    """What RDS IAM authentication names: region, account, the instance's DbiResourceId."""
+    (instance,) = resources(stack, "aws:rds/instance:Instance")
+    region = "us-west-2" if stack == "dr" else "us-east-1"
+    return (f"arn:aws:rds-db:{region}:111122223333:dbuser:"
+            f"{instance['outputs']['resourceId']}/{login}")
 
 
 def test_prod_exports_everything_the_dr_stack_reads() -> None:
@@ -517,7 +712,10 @@ def test_exports_what_the_release_and_drill_workflows_need(stack: str) -> None:
     assert output(stack, "previewServiceName") == "audit-worker-preview"
     if stack == "dr":
         assert outputs.keys() >= {"dbReplicaIdentifier", "hostedZoneId", "hostedZoneName",
-                                  "intakeRecordName", "databaseRecordName", "healthCheckId"}
+                                  "intakeRecordName", "databaseRecordName", "healthCheckIds",
+                                  "arcClusterEndpoints", "routingControlArns", "drMode"}
+    assert outputs.keys() >= {"dbKmsKeyArn", "dbSubnetGroupName", "dbSecurityGroupIds",
+                              "dbParameterGroupName"}  # what a failback rebuild needs
 
 
 # --- Failing before any resource is declared ------------------------------------------------

@@ -14,6 +14,7 @@ from audit_worker.crypto import LocalSigner, TrustedKey, TrustedKeys
 from audit_worker.crypto.checkpoint import Checkpoint, sign_note
 from audit_worker.objectstore import DirectoryStore, ObjectExists, open_store
 from audit_worker.witness import WitnessLog, history_key
+from tests.aws_stub import stubbed_client
 
 LOG = "hospital-a"
 
@@ -111,8 +112,12 @@ def test_object_keys_that_could_escape_the_store_are_refused(tmp_path: Path, key
 def test_open_store_reads_s3_file_and_directory_urls(tmp_path: Path) -> None:
     assert isinstance(open_store(str(tmp_path)), DirectoryStore)
     assert isinstance(open_store(tmp_path.as_uri()), DirectoryStore)
-    s3 = open_store("s3://bucket/some/prefix", s3_client=lambda: object())
+    # A real botocore S3 client behind a Stubber with nothing queued: any request it were
+    # sent would be validated against the S3 model and then refused (none is sent here).
+    client, stub = stubbed_client("s3")
+    s3 = open_store("s3://bucket/some/prefix", s3_client=lambda: client)
     assert s3.url == "s3://bucket/some/prefix/"
+    stub.assert_no_pending_responses()
     with pytest.raises(ValueError, match="needs a bucket"):
         open_store("s3:///x")
     with pytest.raises(ValueError, match="use s3://"):

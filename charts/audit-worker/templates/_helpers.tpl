@@ -114,6 +114,14 @@ The slot that is not active: the preview slot.
 {{/*
 Name of the ServiceAccount the pods run as.
 */}}
+{{- define "audit-worker.migrationServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-migrate" (include "audit-worker.fullname" . | trunc 55 | trimSuffix "-")) .Values.migration.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.migration.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{- define "audit-worker.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "audit-worker.fullname" .) .Values.serviceAccount.name }}
@@ -123,10 +131,14 @@ Name of the ServiceAccount the pods run as.
 {{- end }}
 
 {{/*
-Full image reference of a slot. Call with (dict "root" $ "slot" "blue").
+Full image reference of a slot: repository:tag, or repository:tag@sha256:... when the
+slot has a digest (slots.<slot>.digest), which pins the tag to one image for good.
+Call with (dict "root" $ "slot" "blue").
 */}}
 {{- define "audit-worker.image" -}}
-{{- printf "%s:%s" .root.Values.image.repository (index .root.Values.slots .slot).tag }}
+{{- $s := index .root.Values.slots .slot }}
+{{- printf "%s:%s" .root.Values.image.repository $s.tag }}
+{{- with $s.digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -161,13 +173,30 @@ seccompProfile:
 {{- end }}
 
 {{/*
-Environment shared by the worker and the migration Job. The slot is passed
-separately (AUDIT_SLOT), and so is AUDIT_DATABASE_URL: the worker reads
-secrets.databaseUrlKey (an audit_writer login), the Job the schema owner's
-secrets.migrationDatabaseUrlKey. Secret values are only referenced, never
-rendered. extraEnv comes last; _validate.tpl refuses any name set here.
+Environment of the migration Job: plainEnv, AUDIT_REDIS_URL from the Secret, extraEnv.
+The slot is passed separately (AUDIT_SLOT), and so is AUDIT_DATABASE_URL (the schema
+owner's secrets.migrationDatabaseUrlKey). The worker Deployments take plainEnv and
+extraEnv only: they read AUDIT_DATABASE_URL (secrets.databaseUrlKey, an audit_writer
+login), AUDIT_REDIS_URL and AUDIT_INTAKE_TOKENS from files (secretsVolume). Secret values
+are only referenced, never rendered. _validate.tpl refuses any name set here in extraEnv.
 */}}
 {{- define "audit-worker.env" -}}
+{{ include "audit-worker.plainEnv" . }}
+- name: AUDIT_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.existingSecret | quote }}
+      key: {{ .Values.secrets.redisUrlKey | quote }}
+{{- include "audit-worker.extraEnv" . }}
+{{- end }}
+
+{{/*
+The shared variables that are not secret (no extraEnv): the worker Deployments take these
+and read their secrets from files (audit-worker.secretsVolume).
+*/}}
+{{- define "audit-worker.plainEnv" -}}
+- name: AUDIT_DATABASE_AUTH
+  value: {{ .Values.databaseAuth | quote }}
 - name: AUDIT_ENVIRONMENT
   value: {{ .Values.environment | quote }}
 - name: AUDIT_LOG_ID
@@ -200,11 +229,12 @@ rendered. extraEnv comes last; _validate.tpl refuses any name set here.
   value: {{ .Values.tls.databaseCaFile | quote }}
 - name: AUDIT_REDIS_CA_FILE
   value: {{ .Values.tls.redisCaFile | quote }}
-- name: AUDIT_REDIS_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.secrets.existingSecret | quote }}
-      key: {{ .Values.secrets.redisUrlKey | quote }}
+{{- end }}
+
+{{/*
+extraEnv, each entry on its own line after a newline; _validate.tpl refuses reserved names.
+*/}}
+{{- define "audit-worker.extraEnv" -}}
 {{- range $name, $value := .Values.extraEnv }}
 - name: {{ $name }}
   value: {{ include "audit-worker.envValue" $value }}
@@ -212,29 +242,41 @@ rendered. extraEnv comes last; _validate.tpl refuses any name set here.
 {{- end }}
 
 {{/*
-The worker's database URL: an audit_writer login (SELECT and INSERT only).
+Where the worker Deployments mount their secrets: one file per setting, named as the
+variable (AUDIT_DATABASE_URL, AUDIT_REDIS_URL, AUDIT_INTAKE_TOKENS), read by the worker
+through AUDIT_SECRETS_DIR (audit_worker.config). Files, not variables: a variable is
+inherited by every child process and shown by `kubectl describe`-style tooling and crash
+dumps of the environment; a file is read once by the worker alone.
 */}}
-{{- define "audit-worker.workerDatabaseEnv" -}}
-- name: AUDIT_DATABASE_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.secrets.existingSecret | quote }}
-      key: {{ .Values.secrets.databaseUrlKey | quote }}
+{{- define "audit-worker.secretsDir" -}}
+/var/run/secrets/audit-worker
 {{- end }}
 
 {{/*
-The HTTP intake's bearer tokens, read only when the key exists: optional, so
-a Secret without the key leaves AUDIT_INTAKE_TOKENS unset and the intake off.
+The projected volume of the worker's secret files. The intake tokens are a source of
+their own with optional: true, so a Secret without the key leaves the intake off while
+a missing database or Redis key still stops the pod from starting.
 */}}
-{{- define "audit-worker.intakeEnv" -}}
-{{- if .Values.secrets.intakeTokensKey -}}
-- name: AUDIT_INTAKE_TOKENS
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.secrets.existingSecret | quote }}
-      key: {{ .Values.secrets.intakeTokensKey | quote }}
-      optional: true
-{{- end }}
+{{- define "audit-worker.secretsVolume" -}}
+- name: secrets
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ .Values.secrets.existingSecret | quote }}
+          items:
+            - key: {{ .Values.secrets.databaseUrlKey | quote }}
+              path: AUDIT_DATABASE_URL
+            - key: {{ .Values.secrets.redisUrlKey | quote }}
+              path: AUDIT_REDIS_URL
+      {{- with .Values.secrets.intakeTokensKey }}
+      - secret:
+          name: {{ $.Values.secrets.existingSecret | quote }}
+          optional: true
+          items:
+            - key: {{ . | quote }}
+              path: AUDIT_INTAKE_TOKENS
+      {{- end }}
 {{- end }}
 
 {{/*
@@ -273,6 +315,7 @@ AUDIT_KEY_BACKEND: "set keys.backend instead"
 AUDIT_KMS_DATA_KEY_ID: "set keys.kmsDataKeyId instead"
 AUDIT_KMS_SIGNING_KEY_ID: "set keys.kmsSigningKeyId instead"
 AUDIT_AWS_REGION: "set aws.region instead"
+AUDIT_DATABASE_AUTH: "set databaseAuth instead"
 AUDIT_ARCHIVE_BUCKET: "set aws.archiveBucket instead"
 AUDIT_ARCHIVE_DETACH_VERIFIED_MONTHS: "set aws.archiveDetachVerifiedMonths instead"
 AUDIT_LOG_FORMAT: "the chart always logs json"
@@ -282,6 +325,7 @@ AUDIT_CONSUMER_NAME: "each pod must be its own Redis consumer; the worker uses t
 AUDIT_DATABASE_URL: "it is secret: put it in the Secret (secrets.databaseUrlKey, secrets.migrationDatabaseUrlKey)"
 AUDIT_REDIS_URL: "it is secret: put it in the Secret (secrets.redisUrlKey)"
 AUDIT_INTAKE_TOKENS: "it is secret: put it in the Secret (secrets.intakeTokensKey)"
+AUDIT_SECRETS_DIR: "the chart mounts the worker's secret files there, from secrets.existingSecret"
 {{- end }}
 
 {{/*

@@ -76,4 +76,12 @@ templates by another path.
 {{- if not (has $migrationSlot (list "" "blue" "green")) }}
 {{- fail (printf "\n\nmigration.slot must be \"\", \"blue\" or \"green\", got %q.\nFix: --set migration.slot=%s" $migrationSlot $active) }}
 {{- end }}
+{{- if and .Values.migration.enabled (eq (toString .Values.databaseAuth) "iam") }}
+{{- if not .Values.migration.databaseUrl }}
+{{- fail "\n\ndatabaseAuth is iam, so the migration Job signs in with an RDS IAM token and needs migration.databaseUrl (postgresql://auditlog_migrator@<dbAddress>:5432/audit?sslmode=verify-full, no password).\nFix: --set migration.databaseUrl=..." }}
+{{- end }}
+{{- if and .Values.migration.bootstrap.enabled (not (and .Values.migration.bootstrap.databaseUrl .Values.migration.bootstrap.masterSecretArn)) }}
+{{- fail "\n\nmigration.bootstrap.enabled needs migration.bootstrap.databaseUrl (postgresql://<dbAddress>:5432/audit?sslmode=verify-full) and migration.bootstrap.masterSecretArn (stack output dbMasterSecretArn).\nFix: set both, or migration.bootstrap.enabled=false once the logins exist" }}
+{{- end }}
+{{- end }}
 {{- end }}

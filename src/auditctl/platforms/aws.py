@@ -14,10 +14,14 @@
   smoke and canary events, and the stream hand-off; **PostgreSQL** (from the same Secret)
   for proofs and heartbeats.
 * **boto3**: RDS ``promote_read_replica`` (and ``stop_db_instance`` to fence the old
-  primary, ``create_db_instance_read_replica`` to rebuild one), Route 53: the failover
-  health check is inverted (``update_health_check``) so the SECONDARY (DR) records answer,
-  and a TXT record ``_audit-active.<zone>`` (``change_resource_record_sets``) says which
-  site is active; KMS ``GetPublicKey`` for the tree-head key in each region.
+  primary, ``create_db_instance_read_replica`` to rebuild one, with the target region's
+  key, subnet group, security groups and parameter group from its stack outputs); the
+  traffic switch through ARC's data plane (``route53-recovery-cluster``
+  ``UpdateRoutingControlStates`` / ``GetRoutingControlState`` on the cluster's regional
+  endpoints, tried in turn), which turns one site's routing control On and the other's Off
+  so that Route 53's failover TXT records answer with that site's endpoint names (no
+  Route 53 or us-east-1 control-plane call); KMS ``GetPublicKey`` for the tree-head key in
+  each region.
 
 It runs from a machine inside the VPC with the Pulumi CLI, cluster credentials and AWS
 credentials. None of these exist where this kit is developed: the tests drive this module
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -55,6 +60,10 @@ LOCK_TTL_MS = 120_000
 DATABASE_URL_KEY = "database-url"
 REDIS_URL_KEY = "redis-url"
 RECORD_KEY = "record.json"
+ARC_RETRYABLE = frozenset({"ThrottlingException", "InternalServerException",
+                           "EndpointTemporarilyUnavailableException"})
+"""ARC data-plane errors after which the next regional endpoint is tried (any other error,
+e.g. a safety rule's ConflictException or a ValidationException, is final)."""
 MIGRATION_NOTE = (
     "applied by the chart's migration Job during the deploy (`audit-worker migrate` in the "
     "new image, which refuses contract migrations)"
@@ -95,6 +104,9 @@ class AwsSite:
     core: Any  # kubernetes.client.CoreV1Api
     aws: dict[str, Any] = field(default_factory=dict)  # boto3.client kwargs (region ...)
     outputs: dict[str, Any] = field(default_factory=dict)
+    clients: Callable[[str], Any] | None = None
+    """service -> client; None (the default): ``boto3.client(service, **aws)``. Tests pass
+    real botocore clients with a Stubber here."""
 
     def load_outputs(self) -> dict[str, Any]:
         self.outputs = {
@@ -114,6 +126,8 @@ class AwsSite:
         return f"{self.release}-{slot}"
 
     def client(self, service: str) -> Any:
+        if self.clients is not None:
+            return self.clients(service)
         import boto3
 
         return boto3.client(service, **self.aws)
@@ -136,6 +150,7 @@ class AwsKubernetesPlatform:
         home: str,
         on_output: Callable[[str], None] | None = None,
         waiter_delay: int = 30,
+        arc_client: Callable[[str, str], Any] | None = None,
     ) -> None:
         self.environment = environment
         self.log_id = log_id
@@ -143,6 +158,8 @@ class AwsKubernetesPlatform:
         self.home = home
         self.on_output = on_output
         self.waiter_delay = waiter_delay
+        self.arc_client = arc_client or _arc_client
+        """(region, endpoint URL) -> a ``route53-recovery-cluster`` client."""
         for site in sites.values():
             if not site.outputs:
                 site.load_outputs()
@@ -383,19 +400,53 @@ class AwsKubernetesPlatform:
         reply = await asyncio.to_thread(rds.describe_db_instances, DBInstanceIdentifier=ident)
         return cast(dict[str, Any], reply["DBInstances"][0])
 
-    async def _health_check_inverted(self) -> bool:
-        dr = self._site("dr")
-        route53 = dr.client("route53")
-        reply = await asyncio.to_thread(route53.get_health_check,
-                                        HealthCheckId=dr.outputs["healthCheckId"])
-        return bool(reply["HealthCheck"]["HealthCheckConfig"].get("Inverted"))
+    async def _arc(self, operation: str, **params: Any) -> dict[str, Any]:
+        """One ARC data-plane call, tried on each of the cluster's regional endpoints in a
+        random order until one answers: any one of the five can serve it, so a region that
+        is down costs a retry, not the switch."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        endpoints = list(self._site("dr").outputs.get("arcClusterEndpoints") or [])
+        if not endpoints:
+            raise PlatformError("the dr stack exports no arcClusterEndpoints: run `pulumi up` "
+                                "on dr (the ARC traffic switch, infra/dr.py)")
+        random.shuffle(endpoints)
+        failures: list[str] = []
+        for endpoint in endpoints:
+            client = self.arc_client(str(endpoint["region"]), str(endpoint["endpoint"]))
+            try:
+                return cast(dict[str, Any],
+                            await asyncio.to_thread(getattr(client, operation), **params))
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code not in ARC_RETRYABLE:
+                    raise
+                failures.append(f"{endpoint['region']}: {code}")
+            except BotoCoreError as exc:  # connection refused, timeout, DNS
+                failures.append(f"{endpoint['region']}: {type(exc).__name__}")
+        raise PlatformError("no ARC cluster endpoint answered: " + "; ".join(failures))
+
+    def _routing_controls(self) -> dict[str, str]:
+        arns = self._site("dr").outputs.get("routingControlArns") or {}
+        if set(arns) != {"prod", "dr"}:
+            raise PlatformError("the dr stack exports no routingControlArns for prod and dr")
+        return {site: str(arn) for site, arn in arns.items()}
+
+    async def _endpoint_site(self) -> str:
+        """The site whose records Route 53 answers with: DR only when DR's routing control
+        is On and prod's Off (both Off: Route 53 answers with the PRIMARY, prod)."""
+        states = {}
+        for site, arn in self._routing_controls().items():
+            reply = await self._arc("get_routing_control_state", RoutingControlArn=arn)
+            states[site] = reply["RoutingControlState"]
+        return "dr" if states["dr"] == "On" and states["prod"] != "On" else "prod"
 
     async def topology(self) -> Topology:
         dr = await self._db_instance("dr")
         prod = await self._db_instance("prod")
         replicating = bool(dr.get("ReadReplicaSourceDBInstanceIdentifier"))
         primary = "prod" if replicating else "dr"
-        endpoint = "dr" if await self._health_check_inverted() else "prod"
+        endpoint = await self._endpoint_site()
         sites = {}
         for name, instance in (("prod", prod), ("dr", dr)):
             status = instance.get("DBInstanceStatus")
@@ -427,15 +478,17 @@ class AwsKubernetesPlatform:
             "fence": "rds.stop_db_instance on the old primary",
             "activate": "Kubernetes: scale DR's active Deployment to prod's replicas; raise DR's "
                         "control-key epoch",
-            "switch-endpoint": "route53.update_health_check(Inverted=True) on the PRIMARY "
-                               "records' health check, and the _audit-active TXT record "
-                               "(change_resource_record_sets)",
+            "switch-endpoint": "route53-recovery-cluster.update_routing_control_states: the "
+                               "target site's routing control On, the other's Off (ARC data "
+                               "plane, any of the cluster's five regional endpoints)",
             "handoff": "XRANGE prod's stream after the group's last-delivered id, XADD to DR's",
             "canary": "XADD canaries to DR's Redis; inclusion proofs in DR's log",
             "consistency": "consistency proof from DR's leaves to prod's last signed head",
             "rpo": "event ids in prod's stream and log since the window start, looked up in "
                    "DR's log",
-            "restore-replica": "rds.create_db_instance_read_replica in the other region",
+            "restore-replica": "rds.create_db_instance_read_replica in the other region, with "
+                               "that region's KmsKeyId, DBSubnetGroupName, "
+                               "VpcSecurityGroupIds, DBParameterGroupName and SourceRegion",
         }
 
     async def capacity(self, site: str) -> GateResult:
@@ -501,26 +554,20 @@ class AwsKubernetesPlatform:
         return f"{site}/{slot} scaled to {replicas}, control epoch {epoch}"
 
     async def switch_endpoint(self, site: str) -> tuple[str, float]:
+        """Turn `site`'s routing control On and the other's Off, in one request (the safety
+        rule that keeps one site On judges the pair, not each half)."""
         dr = self._site("dr")
-        route53 = dr.client("route53")
-        zone, name = dr.outputs["hostedZoneId"], str(dr.outputs["hostedZoneName"])
-        await asyncio.to_thread(route53.update_health_check,
-                                HealthCheckId=dr.outputs["healthCheckId"],
-                                Inverted=(site == "dr"))
-        marker = f"_audit-active.{name}"
-        await asyncio.to_thread(route53.change_resource_record_sets, HostedZoneId=zone,
-                                ChangeBatch={"Comment": f"auditctl: {site} is active", "Changes": [{
-                                    "Action": "UPSERT", "ResourceRecordSet": {
-                                        "Name": marker, "Type": "TXT", "TTL": 60,
-                                        "ResourceRecords": [{"Value": json.dumps(
-                                            f"site={site} at={int(time.time())}")}],
-                                    }}]})
-        records = await asyncio.to_thread(route53.list_resource_record_sets, HostedZoneId=zone)
-        intake = str(dr.outputs["intakeRecordName"]).rstrip(".") + "."
-        ttl = max((float(r.get("TTL", 60)) for r in records["ResourceRecordSets"]
-                   if r["Name"] == intake), default=60.0)
-        return (f"health check {'inverted' if site == 'dr' else 'restored'}: "
-                f"{intake} answers with {site}'s record; {marker} updated", ttl)
+        controls = self._routing_controls()
+        other = "prod" if site == "dr" else "dr"
+        await self._arc("update_routing_control_states", UpdateRoutingControlStateEntries=[
+            {"RoutingControlArn": controls[site], "RoutingControlState": "On"},
+            {"RoutingControlArn": controls[other], "RoutingControlState": "Off"},
+        ])
+        ttl = float(dr.outputs.get("dnsTtlSeconds", 60))
+        records = ", ".join(str(dr.outputs.get(k, "")) for k in
+                            ("intakeRecordName", "databaseRecordName") if dr.outputs.get(k))
+        return (f"ARC routing control {site} On, {other} Off: {records or 'the failover records'}"
+                f" answer with {site}'s endpoint names", ttl)
 
     async def handoff(self, source: str, target: str) -> int:
         async with self._redis(self._site(source)) as src, \
@@ -537,22 +584,65 @@ class AwsKubernetesPlatform:
 
     async def rebuild_replica(self, site: str) -> str:
         """A promoted RDS instance cannot be rewound: a new cross-region read replica of the
-        current primary is created at `site`."""
+        current primary is created at `site`, built like the stack's own instance there."""
         target = self._site(site)
         source = self._site("dr" if site == "prod" else "prod")
         primary = await self._db_instance(source.name)
         ident = f"{target.outputs['dbInstanceIdentifier']}-rebuilt-{int(time.time())}"
+        request = replica_request(target, source, primary, ident)
         rds = target.client("rds")
-        await asyncio.to_thread(
-            rds.create_db_instance_read_replica, DBInstanceIdentifier=ident,
-            SourceDBInstanceIdentifier=primary["DBInstanceArn"],
-            DBInstanceClass=primary.get("DBInstanceClass", "db.r6g.xlarge"),
-        )
+        await asyncio.to_thread(rds.create_db_instance_read_replica, **request)
         waiter = rds.get_waiter("db_instance_available")
         await asyncio.to_thread(waiter.wait, DBInstanceIdentifier=ident,
                                 WaiterConfig={"Delay": self.waiter_delay, "MaxAttempts": 120})
         return (f"read replica {ident} of {primary['DBInstanceIdentifier']} available; "
                 f"import it into the {site} stack (`pulumi import`) before its next `up`")
+
+
+REPLICA_OUTPUTS: tuple[str, ...] = (
+    "dbKmsKeyArn", "dbSubnetGroupName", "dbSecurityGroupIds", "dbParameterGroupName")
+"""The target stack's outputs a rebuilt replica needs (infra/__main__.py exports them)."""
+
+
+def replica_request(target: AwsSite, source: AwsSite, primary: Mapping[str, Any],
+                    ident: str) -> dict[str, Any]:
+    """``CreateDBInstanceReadReplica`` parameters for a cross-region replica at `target`.
+
+    An encrypted cross-region replica needs a key of its own region (KmsKeyId); without the
+    subnet group and security groups RDS puts it in the default VPC, and without the
+    parameter group it runs without ``rds.force_ssl`` and pgaudit
+    (https://docs.aws.amazon.com/AmazonRDS/latest/APIReference/API_CreateDBInstanceReadReplica.html).
+    SourceRegion makes boto3 sign the PreSignedUrl the cross-region call needs.
+    """
+    missing = [k for k in REPLICA_OUTPUTS if not target.outputs.get(k)]
+    if missing:
+        raise PlatformError(f"the {target.name} stack exports no {', '.join(missing)}: run "
+                            f"`pulumi up` on {target.name} first")
+    source_region = source.aws.get("region_name")
+    if not source_region:
+        raise PlatformError(f"no region for the {source.name} site")
+    return {
+        "DBInstanceIdentifier": ident,
+        "SourceDBInstanceIdentifier": primary["DBInstanceArn"],
+        "DBInstanceClass": primary.get("DBInstanceClass", "db.r6g.xlarge"),
+        "KmsKeyId": str(target.outputs["dbKmsKeyArn"]),
+        "DBSubnetGroupName": str(target.outputs["dbSubnetGroupName"]),
+        "VpcSecurityGroupIds": [str(g) for g in target.outputs["dbSecurityGroupIds"]],
+        "DBParameterGroupName": str(target.outputs["dbParameterGroupName"]),
+        "MultiAZ": bool(primary.get("MultiAZ", True)),
+        "StorageType": "gp3",
+        "PubliclyAccessible": False,
+        "EnableIAMDatabaseAuthentication": bool(
+            primary.get("IAMDatabaseAuthenticationEnabled", False)),
+        "CopyTagsToSnapshot": True,
+        "SourceRegion": str(source_region),
+    }
+
+
+def _arc_client(region: str, endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client("route53-recovery-cluster", region_name=region, endpoint_url=endpoint)
 
 
 def _site(name: str, stack: Any, region: str) -> AwsSite:

@@ -18,8 +18,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import boto3
+import botocore.session
 import pytest
 import redis
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
 from cryptography.hazmat.primitives import serialization
 from kubernetes.client.exceptions import ApiException
 
@@ -27,8 +30,15 @@ from audit_worker.localenv.workload import malformed_event, synthetic_event
 from audit_worker.slots import SwitchRefused, read_control
 from auditctl.environments import load_profile
 from auditctl.errors import PlatformError
-from auditctl.platforms.aws import CONTROL_KEY, MIGRATION_NOTE, AwsKubernetesPlatform, AwsSite
+from auditctl.platforms.aws import (
+    CONTROL_KEY,
+    MIGRATION_NOTE,
+    AwsKubernetesPlatform,
+    AwsSite,
+    replica_request,
+)
 from auditctl.promotion import PromotionRecord
+from tests.aws_stub import StubbedClients, stubbed
 
 
 class FakeStack:
@@ -111,6 +121,42 @@ class FakeKube:
         ready = SimpleNamespace(status=SimpleNamespace(
             conditions=[SimpleNamespace(type="Ready", status="True")]))
         return SimpleNamespace(items=[ready] * self.ready_nodes)
+
+
+ARC_PANEL = "arn:aws:route53-recovery-control::111122223333:controlpanel/abc"
+ROUTING_CONTROLS = {"prod": f"{ARC_PANEL}/routingcontrol/prod1",
+                    "dr": f"{ARC_PANEL}/routingcontrol/dr1"}
+ARC_ENDPOINTS = [{"region": r, "endpoint": f"https://c1.route53-recovery-cluster.{r}.amazonaws.com"}
+                 for r in ("us-east-1", "us-west-2", "eu-west-1", "ap-northeast-1",
+                           "ap-southeast-2")]
+
+
+class StubbedArc:
+    """ARC's data plane (``route53-recovery-cluster``): moto has no ARC, so a real botocore
+    client with a `Stubber`, which validates every request against botocore's service model.
+    The factory hands the same client out for every regional endpoint and notes which."""
+
+    def __init__(self) -> None:
+        session = botocore.session.get_session()
+        self.client = session.create_client(
+            "route53-recovery-cluster", region_name="us-west-2",
+            aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.stub = Stubber(self.client)
+        self.stub.activate()
+        self.endpoints: list[str] = []
+
+    def factory(self, region: str, endpoint: str) -> Any:
+        self.endpoints.append(region)
+        return self.client
+
+    def states(self, **states: str) -> None:
+        """Queue GetRoutingControlState answers (prod first, then dr)."""
+        for site in ("prod", "dr"):
+            self.stub.add_response(
+                "get_routing_control_state",
+                {"RoutingControlArn": ROUTING_CONTROLS[site],
+                 "RoutingControlState": states[site]},
+                {"RoutingControlArn": ROUTING_CONTROLS[site]})
 
 
 OUTPUTS = {
@@ -234,6 +280,40 @@ async def test_the_promotion_lock_is_exclusive(
 # ------------------------------------------------------------------ DR: moto for AWS
 
 
+def rebuild_outputs(kwargs: dict[str, str], suffix: str, site: str,
+                    mirror: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a stack exports for a failback rebuild in its region, made real in moto: a VPC,
+    two subnets, the subnet group, a security group, the parameter group, the database key."""
+    ec2, rds = boto3.client("ec2", **kwargs), boto3.client("rds", **kwargs)
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    zones = [z["ZoneName"] for z in ec2.describe_availability_zones()["AvailabilityZones"]][:2]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24", AvailabilityZone=z)[
+        "Subnet"]["SubnetId"] for i, z in enumerate(zones)]
+    group = f"audit-{site}-db-{suffix}"
+    rds.create_db_subnet_group(DBSubnetGroupName=group, DBSubnetGroupDescription="db",
+                               SubnetIds=subnets)
+    if mirror is not None:
+        # moto resolves a cross-region replica's subnet group in the *source* region's
+        # backend (it copies the source instance before switching backends); real RDS uses
+        # the replica's region. A same-named group there lets moto take the real request.
+        mirror_ec2, mirror_rds = boto3.client("ec2", **mirror), boto3.client("rds", **mirror)
+        mirror_vpc = mirror_ec2.create_vpc(CidrBlock="10.8.0.0/16")["Vpc"]["VpcId"]
+        mirror_zones = [z["ZoneName"] for z in
+                        mirror_ec2.describe_availability_zones()["AvailabilityZones"]][:2]
+        mirror_rds.create_db_subnet_group(
+            DBSubnetGroupName=group, DBSubnetGroupDescription="moto mirror",
+            SubnetIds=[mirror_ec2.create_subnet(VpcId=mirror_vpc, CidrBlock=f"10.8.{i}.0/24",
+                                                AvailabilityZone=z)["Subnet"]["SubnetId"]
+                       for i, z in enumerate(mirror_zones)])
+    sg = ec2.create_security_group(GroupName=group, Description="db", VpcId=vpc)["GroupId"]
+    params = f"audit-{site}-params-{suffix}"
+    rds.create_db_parameter_group(DBParameterGroupName=params, DBParameterGroupFamily="postgres16",
+                                  Description="force_ssl, pgaudit")
+    key = boto3.client("kms", **kwargs).create_key()["KeyMetadata"]["Arn"]
+    return {"dbKmsKeyArn": key, "dbSubnetGroupName": group, "dbSecurityGroupIds": [sg],
+            "dbParameterGroupName": params}
+
+
 @pytest.fixture
 def dr(
     aws_kwargs: dict[str, str], fresh_redis: str
@@ -275,23 +355,29 @@ def dr(
     prod_kube, dr_kube = FakeKube(fresh_redis), FakeKube(fresh_redis.replace("/0", "/1"))
     prod = AwsSite("prod", FakeStack("prod", CONFIG, {
         **OUTPUTS, "dbInstanceIdentifier": prod_id, "signingKeyId": signing,
+        **rebuild_outputs(east, suffix, "prod", mirror=west),
     }), prod_kube, prod_kube, east)
     dr_site = AwsSite("dr", FakeStack("dr", CONFIG, {
         **OUTPUTS, "dbInstanceIdentifier": dr_id, "dbReplicaIdentifier": dr_id,
         "hostedZoneId": zone, "hostedZoneName": zone_name, "healthCheckId": check,
         "intakeRecordName": f"intake.{zone_name}", "signingKeyId": signing,
+        "databaseRecordName": f"db.{zone_name}", "dnsTtlSeconds": 60,
+        "routingControlArns": ROUTING_CONTROLS, "arcClusterEndpoints": ARC_ENDPOINTS,
+        **rebuild_outputs(west, suffix, "dr"),
     }), dr_kube, dr_kube, west)
+    arc = StubbedArc()
     platform = AwsKubernetesPlatform("dr", "audit-prod", {"prod": prod, "dr": dr_site},
-                                     home="dr", waiter_delay=1)
-    yield platform, {"prod_id": prod_id, "dr_id": dr_id, "zone": zone, "check": check,
+                                     home="dr", waiter_delay=1, arc_client=arc.factory)
+    yield platform, {"arc": arc, "prod_id": prod_id, "dr_id": dr_id, "zone": zone, "check": check,
                      "east": east, "west": west, "signing": signing, "dr_kube": dr_kube,
                      "prod_kube": prod_kube, "zone_name": zone_name}
 
 
-async def test_topology_reads_the_replica_from_rds_and_the_endpoint_from_route53(
+async def test_topology_reads_the_replica_from_rds_and_the_endpoint_from_arc(
     dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
 ) -> None:
-    platform, _ = dr
+    platform, env = dr
+    env["arc"].states(prod="On", dr="Off")
     topology = await platform.topology()
     assert (topology.primary, topology.replica, topology.endpoint_site) == ("prod", "dr", "prod")
     assert topology.sites["dr"].database_role == "replica"
@@ -313,6 +399,7 @@ async def test_fence_stops_the_old_primary(
     dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
 ) -> None:
     platform, env = dr
+    env["arc"].states(prod="Off", dr="Off")  # both Off: Route 53 answers with the PRIMARY
     await platform.fence("prod")
     instance = boto3.client("rds", **env["east"]).describe_db_instances(
         DBInstanceIdentifier=env["prod_id"])["DBInstances"][0]
@@ -320,23 +407,65 @@ async def test_fence_stops_the_old_primary(
     assert (await platform.topology()).sites["prod"].database_role == "stopped"
 
 
-async def test_switch_endpoint_inverts_the_health_check_and_marks_the_active_site(
+def _switch_request(on: str, off: str) -> dict[str, Any]:
+    return {"UpdateRoutingControlStateEntries": [
+        {"RoutingControlArn": ROUTING_CONTROLS[on], "RoutingControlState": "On"},
+        {"RoutingControlArn": ROUTING_CONTROLS[off], "RoutingControlState": "Off"}]}
+
+
+async def test_switch_endpoint_turns_the_target_on_and_the_other_off_in_one_arc_request(
     dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
 ) -> None:
     platform, env = dr
+    arc: StubbedArc = env["arc"]
+    arc.stub.add_response("update_routing_control_states", {}, _switch_request("dr", "prod"))
     detail, ttl = await platform.switch_endpoint("dr")
+    assert ttl == 60 and "dr On, prod Off" in detail and f"intake.{env['zone_name']}" in detail
+    arc.states(prod="Off", dr="On")
+    assert (await platform.topology()).endpoint_site == "dr"
+    arc.stub.add_response("update_routing_control_states", {}, _switch_request("prod", "dr"))
+    await platform.switch_endpoint("prod")  # failback
+    arc.stub.assert_no_pending_responses()
+    # No Route 53 control-plane change: the records and health checks are the stack's.
     route53 = boto3.client("route53", **env["east"])
     config = route53.get_health_check(HealthCheckId=env["check"])["HealthCheck"][
         "HealthCheckConfig"]
-    assert config["Inverted"] is True and ttl == 60 and "inverted" in detail
-    records = route53.list_resource_record_sets(HostedZoneId=env["zone"])["ResourceRecordSets"]
-    marker = next(r for r in records if r["Name"].startswith("_audit-active."))
-    assert "site=dr" in marker["ResourceRecords"][0]["Value"]
-    assert (await platform.topology()).endpoint_site == "dr"
-    await platform.switch_endpoint("prod")  # failback restores it
-    config = route53.get_health_check(HealthCheckId=env["check"])["HealthCheck"][
-        "HealthCheckConfig"]
-    assert config["Inverted"] is False
+    assert not config.get("Inverted")
+
+
+async def test_switch_endpoint_tries_the_next_regional_endpoint_when_one_is_throttled(
+    dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
+) -> None:
+    platform, env = dr
+    arc: StubbedArc = env["arc"]
+    arc.stub.add_client_error("update_routing_control_states", "ThrottlingException",
+                              expected_params=_switch_request("dr", "prod"))
+    arc.stub.add_response("update_routing_control_states", {}, _switch_request("dr", "prod"))
+    await platform.switch_endpoint("dr")
+    assert len(arc.endpoints) == 2 and len(set(arc.endpoints)) == 2
+
+
+async def test_a_safety_rule_refusal_is_final_not_retried_elsewhere(
+    dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
+) -> None:
+    platform, env = dr
+    arc: StubbedArc = env["arc"]
+    arc.stub.add_client_error("update_routing_control_states", "ConflictException",
+                              expected_params=_switch_request("dr", "prod"))
+    with pytest.raises(ClientError, match="ConflictException"):
+        await platform.switch_endpoint("dr")
+    assert len(arc.endpoints) == 1
+
+
+async def test_the_switch_requests_are_valid_for_botocores_arc_model() -> None:
+    """The Stubber refuses a request the model refuses: a state outside On/Off is caught."""
+    arc = StubbedArc()
+    arc.stub.add_response("update_routing_control_states", {})
+    from botocore.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="RoutingControlState"):
+        arc.client.update_routing_control_states(UpdateRoutingControlStateEntries=[
+            {"RoutingControlArn": ROUTING_CONTROLS["dr"], "RoutingControlState": 1}])
 
 
 async def test_the_public_key_comes_from_kms(
@@ -361,6 +490,51 @@ async def test_rebuild_creates_a_cross_region_read_replica_of_the_primary(
     ]
     assert len(replicas) == 1
     assert replicas[0]["ReadReplicaSourceDBInstanceIdentifier"].endswith(env["dr_id"])
+    prod = platform.sites["prod"].outputs
+    assert replicas[0]["DBSubnetGroup"]["DBSubnetGroupName"] == prod["dbSubnetGroupName"]
+    assert [g["VpcSecurityGroupId"] for g in replicas[0]["VpcSecurityGroups"]] == prod[
+        "dbSecurityGroupIds"]
+    assert [g["DBParameterGroupName"] for g in replicas[0]["DBParameterGroups"]] == [
+        prod["dbParameterGroupName"]]
+
+
+async def test_rebuild_request_carries_the_target_regions_key_network_and_parameters(
+    dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
+) -> None:
+    """Stubber checks the request against botocore's RDS model, and that it carries each
+    parameter a cross-region, encrypted, force_ssl replica needs."""
+    platform, env = dr
+    prod, dr_site = platform.sites["prod"], platform.sites["dr"]
+    primary = {"DBInstanceArn": f"arn:aws:rds:us-west-2:111122223333:db:{env['dr_id']}",
+               "DBInstanceIdentifier": env["dr_id"], "DBInstanceClass": "db.r6g.xlarge",
+               "MultiAZ": True, "IAMDatabaseAuthenticationEnabled": True}
+    request = replica_request(prod, dr_site, primary, "audit-prod-rebuilt-1")
+    assert {k: request[k] for k in ("KmsKeyId", "DBSubnetGroupName", "VpcSecurityGroupIds",
+                                    "DBParameterGroupName", "SourceRegion")} == {
+        "KmsKeyId": prod.outputs["dbKmsKeyArn"],
+        "DBSubnetGroupName": prod.outputs["dbSubnetGroupName"],
+        "VpcSecurityGroupIds": prod.outputs["dbSecurityGroupIds"],
+        "DBParameterGroupName": prod.outputs["dbParameterGroupName"],
+        "SourceRegion": "us-west-2"}
+    assert ":us-east-1:" in request["KmsKeyId"]  # the target region's key, not the source's
+    client = botocore.session.get_session().create_client(
+        "rds", region_name="us-east-1", aws_access_key_id="testing",
+        aws_secret_access_key="testing")
+    with Stubber(client) as stub:
+        stub.add_response("create_db_instance_read_replica", {"DBInstance": {
+            "DBInstanceIdentifier": "audit-prod-rebuilt-1"}}, request)
+        client.create_db_instance_read_replica(**request)
+        stub.assert_no_pending_responses()
+
+
+def test_rebuild_refuses_a_target_stack_without_the_replica_outputs(
+    dr: tuple[AwsKubernetesPlatform, dict[str, Any]],
+) -> None:
+    platform, _ = dr
+    prod = platform.sites["prod"]
+    del prod.outputs["dbParameterGroupName"]
+    with pytest.raises(PlatformError, match="dbParameterGroupName"):
+        replica_request(prod, platform.sites["dr"], {"DBInstanceArn": "arn:x"}, "x")
 
 
 async def test_freeze_and_activate_scale_the_sites_and_raise_drs_epoch(
@@ -414,3 +588,135 @@ def test_connect_says_what_is_missing_without_the_pulumi_cli(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(PlatformError, match="needs the Pulumi CLI"):
         AwsKubernetesPlatform.connect(load_profile("staging"))
+
+
+# ------------------------------------------------------------------ DR: botocore's RDS model
+# The same code paths as above, on real botocore clients behind a Stubber (tests/aws_stub.py)
+# handed to the sites through `AwsSite.clients`: moto accepts more than RDS does (any
+# BackupRetentionPeriod, a replica without its region's key), the model and the exact
+# expected parameters do not.
+
+PROD_ARN = "arn:aws:rds:us-east-1:111122223333:db:audit-prod"
+DR_ARN = "arn:aws:rds:us-west-2:111122223333:db:audit-dr"
+
+
+@pytest.fixture
+def stubbed_dr() -> Iterator[tuple[AwsKubernetesPlatform, StubbedClients, StubbedClients]]:
+    """prod (us-east-1) and dr (us-west-2) whose AWS clients are stubbed botocore clients;
+    no moto. Every queued answer must be used."""
+    east, west = StubbedClients("us-east-1"), StubbedClients("us-west-2")
+    kube = FakeKube("redis://unused:6379/0")
+    prod = AwsSite("prod", FakeStack("prod", CONFIG, {
+        **OUTPUTS, "dbInstanceIdentifier": "audit-prod", "signingKeyId": "alias/audit-sth",
+        "dbKmsKeyArn": "arn:aws:kms:us-east-1:111122223333:key/prod-db",
+        "dbSubnetGroupName": "audit-prod-db", "dbSecurityGroupIds": ["sg-0prod"],
+        "dbParameterGroupName": "audit-prod-params",
+    }), kube, kube, {"region_name": "us-east-1"}, clients=east.factory)
+    dr_site = AwsSite("dr", FakeStack("dr", CONFIG, {
+        **OUTPUTS, "dbInstanceIdentifier": "audit-dr", "dbReplicaIdentifier": "audit-dr",
+        "routingControlArns": ROUTING_CONTROLS, "arcClusterEndpoints": ARC_ENDPOINTS,
+    }), kube, kube, {"region_name": "us-west-2"}, clients=west.factory)
+    platform = AwsKubernetesPlatform("dr", "audit-prod", {"prod": prod, "dr": dr_site},
+                                     home="dr", waiter_delay=1)
+    yield platform, east, west
+    east.assert_no_pending_responses()
+    west.assert_no_pending_responses()
+
+
+def _available(ident: str) -> dict[str, Any]:
+    return {"DBInstances": [{"DBInstanceIdentifier": ident, "DBInstanceStatus": "available"}]}
+
+
+async def test_promote_database_sends_a_promotion_the_rds_model_accepts_then_waits(
+    stubbed_dr: tuple[AwsKubernetesPlatform, StubbedClients, StubbedClients],
+) -> None:
+    platform, _, west = stubbed_dr
+    west["rds"].add_response(
+        "promote_read_replica", {"DBInstance": {"DBInstanceIdentifier": "audit-dr"}},
+        {"DBInstanceIdentifier": "audit-dr", "BackupRetentionPeriod": 35})
+    # The db_instance_available waiter polls DescribeDBInstances for the same instance.
+    west["rds"].add_response("describe_db_instances", _available("audit-dr"),
+                             {"DBInstanceIdentifier": "audit-dr"})
+    assert await platform.promote_database("dr") == (
+        "rds.promote_read_replica(audit-dr): available")
+
+
+async def test_promote_database_fails_a_stub_that_expects_other_parameters(
+    stubbed_dr: tuple[AwsKubernetesPlatform, StubbedClients, StubbedClients],
+) -> None:
+    """The check above can fail: expected parameters that differ from what the code sends
+    (a 7-day retention) are refused before any answer."""
+    from botocore.exceptions import StubAssertionError
+
+    platform, _, west = stubbed_dr
+    west["rds"].add_response(
+        "promote_read_replica", {"DBInstance": {"DBInstanceIdentifier": "audit-dr"}},
+        {"DBInstanceIdentifier": "audit-dr", "BackupRetentionPeriod": 7})
+    with pytest.raises(StubAssertionError, match="BackupRetentionPeriod"):
+        await platform.promote_database("dr")
+    west.stubs["rds"].deactivate()
+    west.stubs.clear()  # the unused answer is this test's point, not a leftover
+
+
+def test_the_rds_model_refuses_a_parameter_name_it_does_not_define() -> None:
+    """A stubbed client is no accept-anything double: a misspelt parameter never reaches
+    the queued answer."""
+    from botocore.exceptions import ParamValidationError
+
+    with stubbed("rds") as (client, stub):
+        stub.add_response("promote_read_replica", {})
+        with pytest.raises(ParamValidationError, match="BackupRetention"):
+            client.promote_read_replica(DBInstanceIdentifier="audit-dr", BackupRetention=35)
+        client.promote_read_replica(DBInstanceIdentifier="audit-dr", BackupRetentionPeriod=35)
+
+
+async def test_fence_sends_a_stop_the_rds_model_accepts_for_the_old_primary(
+    stubbed_dr: tuple[AwsKubernetesPlatform, StubbedClients, StubbedClients],
+) -> None:
+    platform, east, _ = stubbed_dr
+    east["rds"].add_response("stop_db_instance",
+                             {"DBInstance": {"DBInstanceIdentifier": "audit-prod"}},
+                             {"DBInstanceIdentifier": "audit-prod"})
+    assert await platform.fence("prod") == "rds.stop_db_instance(audit-prod)"
+
+
+async def test_rebuild_replica_sends_its_own_request_through_the_rds_model(
+    stubbed_dr: tuple[AwsKubernetesPlatform, StubbedClients, StubbedClients],
+) -> None:
+    """rebuild_replica end to end (describe the primary in its region, create the replica
+    in the target's, wait): each request as the code builds it, checked by the model."""
+    from botocore.stub import ANY
+
+    platform, east, west = stubbed_dr
+    west["rds"].add_response("describe_db_instances", {"DBInstances": [{
+        "DBInstanceIdentifier": "audit-dr", "DBInstanceArn": DR_ARN,
+        "DBInstanceClass": "db.r6g.xlarge", "MultiAZ": True,
+        "IAMDatabaseAuthenticationEnabled": True, "DBInstanceStatus": "available"}]},
+        {"DBInstanceIdentifier": "audit-dr"})
+    east["rds"].add_response("create_db_instance_read_replica", {"DBInstance": {
+        "DBInstanceIdentifier": "audit-prod-rebuilt"}}, {
+        "DBInstanceIdentifier": ANY, "SourceDBInstanceIdentifier": DR_ARN,
+        "DBInstanceClass": "db.r6g.xlarge",
+        "KmsKeyId": "arn:aws:kms:us-east-1:111122223333:key/prod-db",
+        "DBSubnetGroupName": "audit-prod-db", "VpcSecurityGroupIds": ["sg-0prod"],
+        "DBParameterGroupName": "audit-prod-params", "MultiAZ": True, "StorageType": "gp3",
+        "PubliclyAccessible": False, "EnableIAMDatabaseAuthentication": True,
+        "CopyTagsToSnapshot": True, "SourceRegion": "us-west-2"})
+    east["rds"].add_response("describe_db_instances", _available("audit-prod-rebuilt"),
+                             {"DBInstanceIdentifier": ANY})
+    detail = await platform.rebuild_replica("prod")
+    assert detail.startswith("read replica audit-prod-rebuilt-") and "of audit-dr" in detail
+
+
+async def test_the_public_key_request_names_the_sites_signing_key(
+    stubbed_dr: tuple[AwsKubernetesPlatform, StubbedClients, StubbedClients],
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    platform, east, _ = stubbed_dr
+    der = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    east["kms"].add_response("get_public_key", {"KeyId": "alias/audit-sth", "PublicKey": der},
+                             {"KeyId": "alias/audit-sth"})
+    pem = await platform.public_key_pem("prod")
+    assert pem.startswith(b"-----BEGIN PUBLIC KEY-----")
