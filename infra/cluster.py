@@ -317,17 +317,7 @@ class Cluster(pulumi.ComponentResource):
             # (the release) waits for the policy.
             self.namespace = pulumi.Output.all(self.namespace, policy.id).apply(lambda v: v[0])
 
-        role = aws.iam.Role(
-            f"{name}-worker-role",
-            description=f"audit-kit {args.environment}: IRSA role of "
-                        f"{args.namespace}/{args.service_account}",
-            assume_role_policy=pulumi.Output.all(self.oidc_provider_arn, issuer).apply(
-                lambda v: json.dumps(worker_trust_policy(
-                    oidc_provider_arn=v[0], issuer_url=v[1], namespace=args.namespace,
-                    service_account=args.service_account))),
-            max_session_duration=3600,
-            opts=child,
-        )
+        role = self._irsa_role(f"{name}-worker-role", args, issuer, args.service_account)
         access = args.worker_access
         aws.iam.RolePolicy(
             f"{name}-worker-policy",
@@ -354,6 +344,21 @@ class Cluster(pulumi.ComponentResource):
             "oidcProviderArn": self.oidc_provider_arn,
         })
 
+    def _irsa_role(self, name: str, args: ClusterArgs, issuer: pulumi.Input[str],
+                   service_account: str) -> aws.iam.Role:
+        """An IRSA role only `service_account` in the namespace may assume."""
+        return aws.iam.Role(
+            name,
+            description=f"audit-kit {args.environment}: IRSA role of "
+                        f"{args.namespace}/{service_account}",
+            assume_role_policy=pulumi.Output.all(self.oidc_provider_arn, issuer).apply(
+                lambda v: json.dumps(worker_trust_policy(
+                    oidc_provider_arn=v[0], issuer_url=v[1], namespace=args.namespace,
+                    service_account=service_account))),
+            max_session_duration=3600,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+
     def _migration_role(self, name: str, args: ClusterArgs,
                         issuer: pulumi.Input[str]) -> pulumi.Output[str]:
         """The migration Job's IRSA role (`MIGRATION_SERVICE_ACCOUNT`), apart from the
@@ -361,17 +366,8 @@ class Cluster(pulumi.ComponentResource):
         access = args.migration_access
         assert access is not None
         child = pulumi.ResourceOptions(parent=self)
-        role = aws.iam.Role(
-            f"{name}-migration-role",
-            description=f"audit-kit {args.environment}: IRSA role of "
-                        f"{args.namespace}/{MIGRATION_SERVICE_ACCOUNT}",
-            assume_role_policy=pulumi.Output.all(self.oidc_provider_arn, issuer).apply(
-                lambda v: json.dumps(worker_trust_policy(
-                    oidc_provider_arn=v[0], issuer_url=v[1], namespace=args.namespace,
-                    service_account=MIGRATION_SERVICE_ACCOUNT))),
-            max_session_duration=3600,
-            opts=child,
-        )
+        role = self._irsa_role(f"{name}-migration-role", args, issuer,
+                               MIGRATION_SERVICE_ACCOUNT)
         aws.iam.RolePolicy(
             f"{name}-migration-policy",
             role=role.id,
